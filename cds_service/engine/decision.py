@@ -1,0 +1,118 @@
+"""What a decision is: its outcome, the policy clause behind it, the evidence used and what is missing."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class Status(enum.Enum):
+    """The result of one criterion: met, not met, or unknown because evidence is missing."""
+
+    MET = "met"
+    NOT_MET = "not-met"
+    UNKNOWN = "unknown"
+
+
+class Outcome(str, enum.Enum):
+    COVERED = "covered"
+    NOT_COVERED = "not-covered"
+    CONDITIONAL = "conditional"
+    OUT_OF_SCOPE = "out-of-scope"
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """A resource (or part of the order) that supported a finding, with what it showed."""
+
+    reference: str
+    finding: str
+
+
+@dataclass
+class Result:
+    status: Status
+    evidence: list[Evidence] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+    @staticmethod
+    def met(*evidence: Evidence, notes: list[str] | None = None) -> Result:
+        return Result(Status.MET, list(evidence), notes=notes or [])
+
+    @staticmethod
+    def not_met(*evidence: Evidence, notes: list[str] | None = None) -> Result:
+        return Result(Status.NOT_MET, list(evidence), notes=notes or [])
+
+    @staticmethod
+    def unknown(missing: str, *evidence: Evidence, notes: list[str] | None = None) -> Result:
+        return Result(Status.UNKNOWN, list(evidence), [missing], notes or [])
+
+
+@dataclass(frozen=True)
+class CriterionTrace:
+    kind: str
+    status: Status
+    phase: str  # "when" or "require"
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class RuleTrace:
+    rule_id: str
+    applied: bool
+    criteria: list[CriterionTrace] = field(default_factory=list)
+
+
+@dataclass
+class Decision:
+    """A policy's decision on one draft order, traceable to a clause and to the resources used."""
+
+    policy_id: str
+    policy_title: str
+    order_reference: str
+    outcome: Outcome
+    rule_id: str
+    clause: str
+    reason: str
+    summary: str
+    evidence: list[Evidence] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    indication: str | None = None
+    technical: dict[str, str] = field(default_factory=dict)
+    trace: list[RuleTrace] = field(default_factory=list)
+    skipped_resources: list[str] = field(default_factory=list)
+
+    @property
+    def decided(self) -> bool:
+        return self.outcome is not Outcome.OUT_OF_SCOPE
+
+    def explain(self) -> dict[str, Any]:
+        """The decision trace as plain data: which policy, which clause, which resources, what was missing."""
+        return {
+            "policy": self.policy_id,
+            "order": self.order_reference,
+            "outcome": self.outcome.value,
+            "rule": self.rule_id,
+            "clause": self.clause,
+            "reason": self.reason,
+            "indication": self.indication,
+            "evidence": [{"reference": e.reference, "finding": e.finding} for e in self.evidence],
+            "missing": list(self.missing),
+            "notes": list(self.notes),
+            "technical": dict(self.technical),
+            "skipped_resources": list(self.skipped_resources),
+            "rules_tried": [
+                {
+                    "rule": t.rule_id,
+                    "applied": t.applied,
+                    "criteria": [
+                        {"kind": c.kind, "phase": c.phase, "status": c.status.value, **({"notes": list(c.notes)} if c.notes else {})}
+                        for c in t.criteria
+                    ],
+                }
+                for t in self.trace
+            ],
+        }
