@@ -34,6 +34,10 @@ class Criterion:
     def children(self) -> Sequence[Criterion]:
         return ()
 
+    def searches(self) -> Mapping[str, ValueSet | None]:
+        """Resource types read, each with the value set its codes are in (None: every resource)."""
+        return {t: None for t in self.reads}
+
     def value_set_names(self) -> Sequence[str]:
         return ()
 
@@ -331,6 +335,9 @@ class TemporaryTrial(Criterion):
         self.threshold = Decimal(str(percent)) / 100
         self.window = dt.timedelta(hours=window)
 
+    def searches(self) -> Mapping[str, ValueSet | None]:
+        return {"Procedure": self.trials, "MedicationAdministration": None, "Observation": self.pain_scores}
+
     def value_set_names(self) -> Sequence[str]:
         return [self.trials.name, self.trial_drugs.name, *(r.name for r in self.routes), self.pain_scores.name]
 
@@ -445,7 +452,7 @@ class TemporaryTrial(Criterion):
             return self._unknown(
                 "pain scores on the same scale before and after the temporary trial", *evidence, notes=notes
             )
-        return self._unknown(f"a temporary trial by the {planned_words} route, the route of the planned pump",
+        return self._unknown(f"a temporary trial by the same route as the planned pump ({planned_words})",
                              *evidence, notes=notes)
 
     def _assess(self, trial: _Trial, scores: list[_Score]) -> tuple[Status, tuple[str, list[Evidence]]]:

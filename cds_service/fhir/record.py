@@ -104,6 +104,9 @@ class PatientRecord:
         model = MODELS.get(rtype)
         if model is None:
             return
+        rid = raw.get("id")
+        if isinstance(rid, str) and f"{rtype}/{rid}" in self._by_reference:
+            return  # the same resource from another prefetch key or page
         try:
             resource = model.model_validate(raw)
         except ValidationError as error:
@@ -113,7 +116,6 @@ class PatientRecord:
             self.skipped.append(Skipped(reference_of(raw), f"invalid resource: {type(error).__name__}"))
             return
         self.resources.setdefault(rtype, []).append(resource)
-        rid = raw.get("id")
         if isinstance(rid, str):
             self._by_reference[f"{rtype}/{rid}"] = resource
 

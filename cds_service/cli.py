@@ -1,0 +1,198 @@
+"""The ``cds-service`` command: serve, evaluate requests offline, export and prune the stores."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .config import ENV_CONFIG, Config, ConfigError, load_config
+from .engine.decision import Decision
+from .engine.policy import PolicyError, load_policies
+from .fhir.client import is_loopback
+from .fhir.gather import DataUnavailable
+from .hooks.request import RequestError
+from .hooks.service import SERVICES, CoverageService, Settings
+from .jsonutil import JSONDecodeError, dumps, loads
+from .paths import data_dir
+
+
+def _config(args: argparse.Namespace) -> Config:
+    return load_config(args.config)
+
+
+def _print_json(value: Any) -> None:
+    sys.stdout.write(dumps(value).decode() + "\n")
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from .storage.store import Store
+
+    config = _config(args)
+    if config.auth.mode == "off" and not is_loopback(args.host):
+        print(f"refusing to start: authentication is off, so the service may only listen on a loopback "
+              f"address, not {args.host}. Configure [auth] mode = \"jwt\" with [[auth.issuers]], "
+              "or use --host 127.0.0.1.", file=sys.stderr)
+        return 2
+    load_policies(data_dir("policies", config.service.policies_dir))  # fail fast on a bad policy file
+    Store(config.storage.url).close()  # run migrations once, before any worker starts
+    if args.config:
+        os.environ[ENV_CONFIG] = str(Path(args.config).resolve())
+    print(f"cds-service: {config.source}; storage {config.storage.url.split('@')[-1]}; auth {config.auth.mode}; "
+          f"http://{args.host}:{args.port}/cds-services", file=sys.stderr)
+    uvicorn.run("cds_service.web.asgi:app_from_environment", factory=True, host=args.host, port=args.port,
+                workers=args.workers, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=20)
+    return 0
+
+
+def explain_text(decisions: Sequence[Decision]) -> str:
+    lines = []
+    for d in decisions:
+        lines.append(f"{d.order_reference}: {d.policy_id} -> {d.outcome.value} (rule {d.rule_id})")
+        lines.append(f"  clause: {d.clause}")
+        lines.append(f"  reason: {d.reason}")
+        if d.indication:
+            lines.append(f"  indication: {d.indication}")
+        for e in d.evidence:
+            lines.append(f"  evidence: {e.reference}: {e.finding}")
+        for m in d.missing:
+            lines.append(f"  missing: {m}")
+        for n in d.notes:
+            lines.append(f"  note: {n}")
+        for s in d.skipped_resources:
+            lines.append(f"  skipped resource: {s}")
+        tried = ", ".join(f"{t.rule_id}{'*' if t.applied else ''}" for t in d.trace)
+        lines.append(f"  rules tried (* applied): {tried}")
+    return "\n".join(lines)
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    config = _config(args)
+    service = CoverageService(
+        load_policies(data_dir("policies", config.service.policies_dir)),
+        data_dir("cards", config.service.cards_dir),
+        Settings(payer_name=config.service.payer_name, public_base_url=config.service.public_base_url,
+                 contact_fhir_servers=False),
+    )
+    base_url = config.service.public_base_url or "http://127.0.0.1:8080"
+    status = 0
+    for name in args.requests:
+        try:
+            body = loads(Path(name).read_bytes())
+            hook = body.get("hook") if isinstance(body, dict) else None
+            service_id = next((sid for sid, h in SERVICES.items() if h == hook), next(iter(SERVICES)))
+            result = asyncio.run(service.handle(service_id, body, base_url))
+            _print_json(result.response)
+            if args.explain:
+                print(explain_text(result.decisions) or "(no order in scope of any policy)")
+        except (OSError, JSONDecodeError) as error:
+            _print_json(_outcome(f"{name}: cannot read a JSON request: {type(error).__name__}"))
+            status = 1
+        except (RequestError, DataUnavailable) as error:
+            _print_json(_outcome(f"{name}: {error}"))
+            status = 1
+    return status
+
+
+def _outcome(message: str) -> dict[str, Any]:
+    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid",
+                                                          "diagnostics": message}]}
+
+
+def cmd_audit_export(args: argparse.Namespace) -> int:
+    from .storage.store import Store
+
+    since = None
+    if args.since:
+        try:
+            since = dt.datetime.fromisoformat(args.since)
+        except ValueError:
+            print(f"--since: not an ISO date: {args.since}", file=sys.stderr)
+            return 2
+        if since.tzinfo is None:
+            since = since.replace(tzinfo=dt.UTC)
+    store = Store(_config(args).storage.url)
+    try:
+        for row in store.audit_export(since):
+            _print_json(row)
+    finally:
+        store.close()
+    return 0
+
+
+def cmd_audit_prune(args: argparse.Namespace) -> int:
+    from .storage.store import Store
+
+    store = Store(_config(args).storage.url)
+    try:
+        removed = store.audit_prune(args.older_than)
+    finally:
+        store.close()
+    print(f"removed {removed} audit records older than {args.older_than} days", file=sys.stderr)
+    return 0
+
+
+def cmd_feedback_export(args: argparse.Namespace) -> int:
+    from .storage.store import Store
+
+    store = Store(_config(args).storage.url)
+    try:
+        for row in store.feedback_export():
+            _print_json(row)
+    finally:
+        store.close()
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    top = argparse.ArgumentParser(prog="cds-service", description=__doc__)
+    sub = top.add_subparsers(dest="command", required=True)
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help=f"TOML configuration file (default: ${ENV_CONFIG}, else built-in defaults)")
+        return p
+
+    serve = with_config(sub.add_parser("serve", help="run the CDS Hooks service"))
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--workers", type=int, default=1)
+    serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.set_defaults(func=cmd_serve)
+
+    evaluate = with_config(sub.add_parser("evaluate", help="decide hook request files offline"))
+    evaluate.add_argument("requests", nargs="+", metavar="REQUEST.json")
+    evaluate.add_argument("--explain", action="store_true", help="print the decision trace")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    audit = sub.add_parser("audit", help="the audit log").add_subparsers(dest="action", required=True)
+    export = with_config(audit.add_parser("export", help="print audit records as JSON lines"))
+    export.add_argument("--since", help="ISO date or date-time")
+    export.set_defaults(func=cmd_audit_export)
+    prune = with_config(audit.add_parser("prune", help="delete audit records older than DAYS"))
+    prune.add_argument("--older-than", type=int, required=True, metavar="DAYS")
+    prune.set_defaults(func=cmd_audit_prune)
+
+    feedback = sub.add_parser("feedback", help="card feedback").add_subparsers(dest="action", required=True)
+    fexport = with_config(feedback.add_parser("export", help="print feedback (with its decision) as JSON lines"))
+    fexport.set_defaults(func=cmd_feedback_export)
+    return top
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ConfigError, PolicyError) as error:
+        print(f"cds-service: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""The data the policies need, as prefetch templates (advertised in discovery) and as the searches
+run against the EHR's FHIR server when the prefetch lacks them. Derived from the policy files: a
+policy that reads pain scores makes the Observation query ask for exactly those codes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from ..fhir.gather import DataNeed
+from ..fhir.record import RawFilter
+from ..terminology import ValueSet
+from .criteria import walk
+from .policy import Policy
+
+#: resource type -> (prefetch key, search with the patient token, extra parameters)
+_SEARCHES: dict[str, tuple[str, str]] = {
+    "Condition": ("conditions", "Condition?patient={{context.patientId}}"),
+    "Observation": ("observations", "Observation?patient={{context.patientId}}"),
+    "Procedure": ("procedures", "Procedure?patient={{context.patientId}}"),
+    "MedicationStatement": (
+        "medicationStatements",
+        "MedicationStatement?patient={{context.patientId}}&_include=MedicationStatement:medication",
+    ),
+    "MedicationAdministration": (
+        "medicationAdministrations",
+        "MedicationAdministration?patient={{context.patientId}}&_include=MedicationAdministration:medication",
+    ),
+    "AllergyIntolerance": ("allergies", "AllergyIntolerance?patient={{context.patientId}}"),
+}
+COVERAGE_NEED_KEY = "coverage"
+
+
+def _code_filter(value_sets: list[ValueSet], systems_of: Any) -> RawFilter:
+    def keep(raw: Mapping[str, Any]) -> bool:
+        concept = systems_of.concept(raw.get("code"))
+        return any(vs.match(concept) for vs in value_sets)
+
+    return keep
+
+
+def _code_param(value_sets: list[ValueSet]) -> str:
+    tokens = []
+    for vs in value_sets:
+        for system, codes in vs.listed.items():
+            uri = vs.canonical_uri(system)
+            tokens.extend(f"{uri}|{code}" for code in codes)
+    return "&code=" + ",".join(tokens) if tokens else ""
+
+
+def data_needs(policies: Iterable[Policy], systems: Any) -> list[DataNeed]:
+    """What the given policies read, one need per resource type, plus the patient's coverage."""
+    scoped: dict[str, list[ValueSet] | None] = {"Condition": None}
+    for policy in policies:
+        for rule in policy.rules:
+            for top in (*rule.when, *rule.require):
+                for criterion in walk(top):
+                    for rtype, vs in criterion.searches().items():
+                        if rtype == "Medication":
+                            continue
+                        if vs is None or scoped.get(rtype, []) is None:
+                            scoped[rtype] = None
+                        else:
+                            current = scoped.setdefault(rtype, [])
+                            assert current is not None
+                            if vs not in current:
+                                current.append(vs)
+    needs = []
+    for rtype in _SEARCHES:
+        if rtype not in scoped:
+            continue
+        key, query = _SEARCHES[rtype]
+        sets = scoped[rtype]
+        if sets:
+            needs.append(DataNeed(key, rtype, query + _code_param(sets), _code_filter(sets, systems)))
+        else:
+            needs.append(DataNeed(key, rtype, query))
+    needs.append(DataNeed(COVERAGE_NEED_KEY, "Coverage", "Coverage?patient={{context.patientId}}&status=active",
+                          required=False))
+    return needs
+
+
+def prefetch_templates(needs: Iterable[DataNeed]) -> dict[str, str]:
+    return {need.key: need.query for need in needs}

@@ -1,0 +1,119 @@
+"""Patient-scoped searches against the EHR's FHIR server, with the hook's Bearer token.
+
+Only the request's own ``fhirServer`` is contacted: ``next`` links that leave it are not followed.
+Searches run concurrently within one time budget; a search that fails, times out or pages past the
+cap is reported as a failure with a reason, never raised to the caller.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+import orjson
+
+from .bundles import Failure, next_link, resources_in
+
+MAX_PAGES = 20
+
+
+def is_loopback(host: str | None) -> bool:
+    if not host:
+        return False
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def fhir_server_problem(url: str, allow_http: bool, allowlist: Sequence[str] | None) -> str | None:
+    """Why the service will not contact ``url``, or None when it may."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "fhirServer is not a valid URL"
+    if parts.scheme not in ("https", "http") or not parts.hostname:
+        return "fhirServer must be an absolute http(s) URL"
+    if parts.username or parts.password:
+        return "fhirServer must not carry credentials"
+    if parts.scheme == "http" and not (allow_http or is_loopback(parts.hostname)):
+        return "fhirServer must use https (plain http is allowed only for loopback hosts)"
+    if allowlist is not None and not any(url.startswith(prefix) for prefix in allowlist):
+        return "fhirServer is not on this issuer's allowlist"
+    return None
+
+
+class FhirClient:
+    def __init__(self, base_url: str, access_token: str | None, budget_seconds: float,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.base = base_url.rstrip("/") + "/"
+        self.budget = budget_seconds
+        headers = {"Accept": "application/fhir+json"}
+        if access_token:
+            headers["Authorization"] = f"Bearer {access_token}"
+        self._client = httpx.AsyncClient(
+            headers=headers,
+            timeout=httpx.Timeout(budget_seconds),
+            follow_redirects=False,
+            transport=transport,
+        )
+
+    async def __aenter__(self) -> FhirClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self._client.aclose()
+
+    async def search_all(self, queries: Mapping[str, str]) -> dict[str, list[Mapping[str, Any]] | Failure]:
+        """Run each named search concurrently; results or failures by name, within the time budget."""
+        results: dict[str, list[Mapping[str, Any]] | Failure] = {}
+        deadline = time.monotonic() + self.budget
+
+        async def one(name: str, query: str) -> None:
+            results[name] = await self._search(query, deadline)
+
+        tasks = [asyncio.create_task(one(name, query)) for name, query in queries.items()]
+        _done, pending = await asyncio.wait(tasks, timeout=self.budget) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        for name in queries:
+            results.setdefault(name, Failure(f"timed out after {self.budget:g} s"))
+        return results
+
+    async def _search(self, query: str, deadline: float) -> list[Mapping[str, Any]] | Failure:
+        url: str | None = self.base + query.lstrip("/")
+        found: list[Mapping[str, Any]] = []
+        pages = 0
+        while url is not None:
+            pages += 1
+            if pages > MAX_PAGES:
+                return Failure(f"more than {MAX_PAGES} pages of results")
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return Failure(f"timed out after {self.budget:g} s")
+            try:
+                response = await self._client.get(url, timeout=remaining)
+            except httpx.TimeoutException:
+                return Failure(f"timed out after {self.budget:g} s")
+            except httpx.HTTPError as error:
+                return Failure(f"FHIR server unreachable ({type(error).__name__})")
+            if response.status_code != 200:
+                return Failure(f"FHIR server answered HTTP {response.status_code}")
+            try:
+                bundle = orjson.loads(response.content)
+            except orjson.JSONDecodeError:
+                return Failure("FHIR server answered with invalid JSON")
+            if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
+                return Failure("FHIR server did not answer with a Bundle")
+            found.extend(r for r in resources_in(bundle))
+            url = next_link(bundle)
+            if url is not None and not url.startswith(self.base):
+                return Failure("a paging link pointed outside the FHIR server; it was not followed")
+        return found

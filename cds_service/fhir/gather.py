@@ -1,0 +1,83 @@
+"""Assembling the patient record a decision needs: from the prefetch, then from the FHIR server for
+what the prefetch lacks, marking what could not be read."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from .bundles import Failure, is_operation_outcome, operation_outcome_text, resources_in
+from .client import FhirClient
+from .record import PatientRecord, RawFilter
+
+
+class DataUnavailable(Exception):
+    """Required data is neither in the prefetch nor readable from a FHIR server (HTTP 412)."""
+
+
+@dataclass(frozen=True)
+class DataNeed:
+    """One kind of data a decision needs, with its prefetch key and query template."""
+
+    key: str
+    resource_type: str
+    query: str
+    keep: RawFilter | None = None
+    required: bool = True
+
+    def query_for(self, patient_id: str) -> str:
+        return self.query.replace("{{context.patientId}}", patient_id)
+
+
+ClientFactory = Callable[[], FhirClient]
+
+
+async def gather_record(
+    needs: Sequence[DataNeed],
+    prefetch: Mapping[str, Any],
+    patient_id: str,
+    client_factory: ClientFactory | None,
+    server_problem: str | None,
+) -> PatientRecord:
+    """The record for ``needs``. ``client_factory`` is None when no FHIR server may be read, with
+    ``server_problem`` saying why; then a required need missing from the prefetch raises
+    :class:`DataUnavailable`."""
+    record = PatientRecord()
+    filters: dict[str, RawFilter | None] = {n.resource_type: n.keep for n in needs}
+    filters.setdefault("Medication", None)
+    to_fetch: dict[str, tuple[DataNeed, str]] = {}
+    for need in needs:
+        if need.key not in prefetch:
+            to_fetch[need.key] = (need, "not in the prefetch")
+            continue
+        value = prefetch[need.key]
+        if value is None:
+            continue
+        if is_operation_outcome(value):
+            to_fetch[need.key] = (need, f"the EHR's prefetch query failed: {operation_outcome_text(value)}")
+        elif not isinstance(value, Mapping) or not isinstance(value.get("resourceType"), str):
+            to_fetch[need.key] = (need, "the prefetch value is not a FHIR resource")
+    for value in prefetch.values():
+        record.add_all(resources_in(value), filters)
+    if not to_fetch:
+        return record
+    if client_factory is None:
+        required = [k for k, (need, _) in to_fetch.items() if need.required]
+        if required:
+            why = server_problem or "the request has no fhirServer and fhirAuthorization"
+            raise DataUnavailable(
+                f"required data is not in the prefetch ({', '.join(sorted(required))}) and cannot be read: {why}"
+            )
+        for need, reason in to_fetch.values():
+            record.mark_unavailable(need.resource_type, reason)
+        return record
+    async with client_factory() as client:
+        results = await client.search_all({k: n.query_for(patient_id) for k, (n, _) in to_fetch.items()})
+    for key, result in results.items():
+        need = to_fetch[key][0]
+        if isinstance(result, Failure):
+            record.mark_unavailable(need.resource_type, result.reason)
+        else:
+            record.add_all(result, filters)
+    return record

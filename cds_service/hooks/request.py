@@ -1,0 +1,138 @@
+"""A CDS Hooks 2.0 request, validated. Anything of the wrong shape raises :class:`RequestError`
+with a message that names the problem (it becomes a 400 with an OperationOutcome)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..fhir.bundles import resources_in
+
+
+class RequestError(ValueError):
+    """The request is malformed or of the wrong shape; ``status`` is the HTTP status to answer."""
+
+    def __init__(self, message: str, status: int = 400, code: str = "invalid") -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+
+
+@dataclass(frozen=True, repr=False)
+class FhirAccess:
+    """Where and how to read the EHR's FHIR server. The token is never printed, logged or stored."""
+
+    server: str
+    access_token: str | None
+
+    def __repr__(self) -> str:
+        return f"FhirAccess(server={self.server!r}, access_token={'***' if self.access_token else None})"
+
+
+@dataclass
+class HookRequest:
+    hook: str
+    hook_instance: str
+    patient_id: str
+    user_id: str
+    encounter_id: str | None
+    draft_orders: list[Mapping[str, Any]]
+    selections: list[str] | None
+    prefetch: Mapping[str, Any]
+    fhir: FhirAccess | None
+    configuration: Mapping[str, Any] = field(default_factory=dict)
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+
+def _text(data: Mapping[str, Any], key: str, where: str, required: bool = True) -> str | None:
+    value = data.get(key)
+    if value is None:
+        if required:
+            raise RequestError(f"{where}{key} is required")
+        return None
+    if not isinstance(value, str) or not value.strip():
+        raise RequestError(f"{where}{key} must be a non-empty string")
+    return value
+
+
+def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:
+    """Validate a hook request for a service of hook ``expected_hook``."""
+    if not isinstance(body, Mapping):
+        raise RequestError("the request body must be a JSON object")
+    hook = _text(body, "hook", "")
+    if hook != expected_hook:
+        raise RequestError(f"hook {hook!r} does not match this service, which answers {expected_hook!r}")
+    hook_instance = _text(body, "hookInstance", "")
+    assert hook_instance is not None and hook is not None
+    if len(hook_instance) > 200:
+        raise RequestError("hookInstance is too long")
+    context = body.get("context")
+    if not isinstance(context, Mapping):
+        raise RequestError("context is required and must be an object")
+    if "user" in body and "userId" not in context:
+        raise RequestError("context.userId is required (the pre-1.0 top-level 'user' field is not supported)")
+    patient_id = _text(context, "patientId", "context.")
+    user_id = _text(context, "userId", "context.")
+    encounter_id = _text(context, "encounterId", "context.", required=False)
+    assert patient_id is not None and user_id is not None
+    draft = context.get("draftOrders")
+    if not isinstance(draft, Mapping) or draft.get("resourceType") != "Bundle":
+        raise RequestError("context.draftOrders is required and must be a FHIR Bundle")
+    entries = draft.get("entry", [])
+    if entries is not None and not isinstance(entries, list):
+        raise RequestError("context.draftOrders.entry must be an array")
+    draft_orders = list(resources_in(draft))
+    selections: list[str] | None = None
+    if hook == "order-select":
+        raw_selections = context.get("selections")
+        if not isinstance(raw_selections, list) or not raw_selections or not all(
+            isinstance(s, str) and s for s in raw_selections
+        ):
+            raise RequestError("context.selections is required for order-select: a non-empty array of references")
+        selections = list(raw_selections)
+    prefetch = body.get("prefetch")
+    if prefetch is None:
+        prefetch = {}
+    if not isinstance(prefetch, Mapping):
+        raise RequestError("prefetch must be an object")
+    fhir_server = _text(body, "fhirServer", "", required=False)
+    authorization = body.get("fhirAuthorization")
+    access_token = None
+    if authorization is not None:
+        if not isinstance(authorization, Mapping):
+            raise RequestError("fhirAuthorization must be an object")
+        if fhir_server is None:
+            raise RequestError("fhirServer is required when fhirAuthorization is given")
+        access_token = _text(authorization, "access_token", "fhirAuthorization.")
+        token_type = _text(authorization, "token_type", "fhirAuthorization.")
+        if token_type is None or token_type.lower() != "bearer":
+            raise RequestError("fhirAuthorization.token_type must be 'Bearer'")
+    extension = body.get("extension")
+    configuration: Mapping[str, Any] = {}
+    if isinstance(extension, Mapping) and isinstance(extension.get("davinci-crd.configuration"), Mapping):
+        configuration = extension["davinci-crd.configuration"]
+    return HookRequest(
+        hook=hook,
+        hook_instance=hook_instance,
+        patient_id=patient_id,
+        user_id=user_id,
+        encounter_id=encounter_id,
+        draft_orders=draft_orders,
+        selections=selections,
+        prefetch=prefetch,
+        fhir=FhirAccess(fhir_server, access_token) if fhir_server else None,
+        configuration=configuration,
+        context=context,
+    )
+
+
+def redact(body: Any) -> Any:
+    """The request as it may be stored: with fhirAuthorization.access_token removed."""
+    if not isinstance(body, Mapping):
+        return body
+    out = dict(body)
+    auth = out.get("fhirAuthorization")
+    if isinstance(auth, Mapping):
+        out["fhirAuthorization"] = {k: v for k, v in auth.items() if k not in ("access_token", "refresh_token")}
+    return out

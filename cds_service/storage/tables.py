@@ -1,0 +1,59 @@
+"""The database schema (SQLAlchemy Core). Changes go through a new Alembic migration in
+``migrations/versions``; this module describes the current head."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+
+metadata = sa.MetaData()
+
+hook_audit = sa.Table(
+    "hook_audit",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False, index=True),
+    sa.Column("service_id", sa.String(100), nullable=False),
+    sa.Column("hook", sa.String(50)),
+    sa.Column("hook_instance", sa.String(200), index=True),
+    sa.Column("issuer", sa.String(500)),
+    sa.Column("patient_id", sa.String(200)),
+    sa.Column("status_code", sa.Integer, nullable=False),
+    sa.Column("latency_ms", sa.Float, nullable=False),
+    sa.Column("orders", sa.JSON),
+    sa.Column("decisions", sa.JSON),
+    sa.Column("response", sa.JSON),
+    sa.Column("request", sa.JSON),
+)
+
+card_decision = sa.Table(
+    "card_decision",
+    metadata,
+    sa.Column("card_uuid", sa.String(64), primary_key=True),
+    sa.Column("hook_instance", sa.String(200), nullable=False),
+    sa.Column("coverage_assertion_id", sa.String(64), nullable=False),
+    sa.Column("policy_id", sa.String(50), nullable=False),
+    sa.Column("order_reference", sa.String(300), nullable=False),
+    sa.Column("outcome", sa.String(30), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+feedback = sa.Table(
+    "feedback",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=True),
+    sa.Column("received_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("service_id", sa.String(100), nullable=False),
+    sa.Column("card_uuid", sa.String(64), nullable=False, index=True),
+    sa.Column("outcome", sa.String(20), nullable=False),
+    sa.Column("outcome_timestamp", sa.String(64), nullable=False),
+    sa.Column("issuer", sa.String(500)),
+    sa.Column("entry", sa.JSON, nullable=False),
+)
+
+jwt_replay = sa.Table(
+    "jwt_replay",
+    metadata,
+    sa.Column("issuer", sa.String(500), primary_key=True),
+    sa.Column("jti", sa.String(500), primary_key=True),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
+)

@@ -1,0 +1,271 @@
+"""The HTTP interface (Starlette): discovery, hook endpoints, feedback, health, policy texts.
+
+Errors are part of the interface: a malformed or misshapen request gets a 4xx with a JSON
+OperationOutcome; nothing the client sends causes a 5xx or a stack trace.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import logging
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from ..auth.jwt import AuthError, JwtAuthenticator, Principal
+from ..config import Config
+from ..engine.policy import load_policies
+from ..fhir.gather import DataUnavailable
+from ..hooks.feedback import FeedbackError, parse_feedback
+from ..hooks.request import RequestError, redact
+from ..hooks.service import CoverageService, HookResult, Settings
+from ..jsonutil import JSONDecodeError, dumps, loads
+from ..paths import data_dir
+from ..storage.store import AuditRecord, Store
+from .errors import operation_outcome
+
+log = logging.getLogger("cds_service.web")
+
+
+class BodyTooLarge(Exception):
+    pass
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refusing (without reading it all) anything over ``limit`` bytes."""
+    length = request.headers.get("content-length")
+    if length is not None:
+        try:
+            if int(length) > limit:
+                raise BodyTooLarge
+        except ValueError:
+            raise BodyTooLarge from None
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def json_response(body: Any, status: int = 200) -> Response:
+    return Response(dumps(body), status_code=status, media_type="application/json")
+
+
+class CdsApp:
+    def __init__(self, config: Config, store: Store, service: CoverageService,
+                 authenticator: JwtAuthenticator | None) -> None:
+        self.config = config
+        self.store = store
+        self.service = service
+        self.authenticator = authenticator
+
+    def endpoint_url(self, request: Request) -> str:
+        base = self.config.service.public_base_url
+        if base:
+            return base.rstrip("/") + request.url.path
+        return str(request.url.replace(query="", fragment=""))
+
+    def base_url(self, request: Request) -> str:
+        return self.config.service.public_base_url or str(request.base_url)
+
+    async def authenticate(self, request: Request, audiences: list[str]) -> Principal | None:
+        if self.authenticator is None:
+            return None
+        return await self.authenticator.authenticate(request.headers.get("authorization"), audiences)
+
+    async def read_json(self, request: Request) -> Any:
+        body = await read_body(request, self.config.service.max_body_bytes)
+        if not body.strip():
+            raise RequestError("the request body is empty; a JSON object is required")
+        try:
+            return loads(body)
+        except JSONDecodeError:
+            raise RequestError("the request body is not valid JSON") from None
+
+    # --- routes -------------------------------------------------------------------------------
+
+    async def discovery(self, request: Request) -> Response:
+        if not self.config.auth.discovery_public:
+            try:
+                await self.authenticate(request, [self.endpoint_url(request)])
+            except AuthError as error:
+                return unauthorized(error)
+        return json_response(self.service.discovery())
+
+    async def hook(self, request: Request) -> Response:
+        started = time.perf_counter()
+        received = dt.datetime.now(dt.UTC)
+        service_id = request.path_params["service_id"]
+        if self.service.hook_of(service_id) is None:
+            return operation_outcome(404, f"no service {service_id!r}", "not-found")
+        try:
+            principal = await self.authenticate(request, [self.endpoint_url(request)])
+        except AuthError as error:
+            return unauthorized(error)
+        body: Any = None
+        result: HookResult | None = None
+        try:
+            body = await self.read_json(request)
+            result = await self.service.handle(
+                service_id, body, self.base_url(request),
+                principal.fhir_server_allowlist if principal else None,
+            )
+            response = json_response(result.response)
+        except BodyTooLarge:
+            response = operation_outcome(413, f"the request body is larger than {self.config.service.max_body_bytes} "
+                                              "bytes", "too-costly")
+        except RequestError as error:
+            response = operation_outcome(error.status, str(error), error.code)
+        except DataUnavailable as error:
+            response = operation_outcome(412, str(error), "not-found")
+        self.audit(service_id, body, result, principal, response, received, started)
+        return response
+
+    def audit(self, service_id: str, body: Any, result: HookResult | None, principal: Principal | None,
+              response: Response, received: dt.datetime, started: float) -> None:
+        request_json = redact(body) if isinstance(body, Mapping) else None
+        context = body.get("context") if isinstance(body, Mapping) else None
+        cards: list[dict[str, str]] = []
+        decisions: list[dict[str, Any]] = []
+        response_json: Any = None
+        if result is not None:
+            decisions = [d.explain() for d in result.decisions]
+            response_json = result.response
+            by_order = {d.order_reference: d for d in result.decisions if d.decided}
+            for card in result.response.get("cards", []):
+                ref = card["extension"]["davinci-crd.associated-resource"][0]["reference"]
+                decision = by_order.get(ref)
+                if decision is not None:
+                    cards.append({
+                        "card_uuid": card["uuid"], "hook_instance": result.request.hook_instance,
+                        "coverage_assertion_id": result.card_decisions[card["uuid"]],
+                        "policy_id": decision.policy_id, "order_reference": ref,
+                        "outcome": decision.outcome.value, "created_at": received,
+                    })
+        else:
+            response_json = loads(bytes(response.body)) if response.body else None
+        record = AuditRecord(
+            received_at=received,
+            service_id=service_id,
+            hook=_text(body, "hook"),
+            hook_instance=_text(body, "hookInstance"),
+            issuer=principal.issuer if principal else None,
+            patient_id=_text(context, "patientId"),
+            status_code=response.status_code,
+            latency_ms=(time.perf_counter() - started) * 1000,
+            orders=[o.get("resourceType", "?") + "/" + str(o.get("id")) for o in result.request.draft_orders]
+            if result else [],
+            decisions=decisions,
+            response=response_json,
+            request=request_json,
+            cards=cards,
+        )
+        self.store.submit_audit(record)
+
+    async def feedback(self, request: Request) -> Response:
+        service_id = request.path_params["service_id"]
+        if self.service.hook_of(service_id) is None:
+            return operation_outcome(404, f"no service {service_id!r}", "not-found")
+        endpoint = self.endpoint_url(request)
+        try:
+            principal = await self.authenticate(request, [endpoint, endpoint.rsplit("/feedback", 1)[0]])
+        except AuthError as error:
+            return unauthorized(error)
+        try:
+            entries = parse_feedback(await self.read_json(request))
+        except BodyTooLarge:
+            return operation_outcome(413, "the request body is too large", "too-costly")
+        except (RequestError, FeedbackError) as error:
+            return operation_outcome(400, str(error))
+        self.store.record_feedback(service_id, entries, principal.issuer if principal else None)
+        return Response(status_code=200)
+
+    async def health(self, request: Request) -> Response:
+        return json_response({"status": "ok"})
+
+    async def policy_text(self, request: Request) -> Response:
+        policy = self.service.policies.get(request.path_params["policy_id"])
+        if policy is None or policy.text_path is None:
+            return operation_outcome(404, "no such policy", "not-found")
+        return PlainTextResponse(policy.text_path.read_text(encoding="utf-8"))
+
+
+def _text(data: Any, key: str) -> str | None:
+    if isinstance(data, Mapping) and isinstance(data.get(key), str):
+        return str(data[key])
+    return None
+
+
+def unauthorized(error: AuthError) -> Response:
+    log.warning("authentication failed: %s", error)
+    return json_response({"error": "unauthorized"}, status=401)
+
+
+async def http_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    code = {404: "not-found", 405: "not-supported"}.get(exc.status_code, "processing")
+    headers = dict(exc.headers) if exc.headers else None
+    return operation_outcome(exc.status_code, str(exc.detail), code, headers=headers)
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+    return operation_outcome(500, "internal error", "exception")
+
+
+def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | None = None,
+               jwks_transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
+    policies = load_policies(data_dir("policies", config.service.policies_dir))
+    service = CoverageService(
+        policies,
+        data_dir("cards", config.service.cards_dir),
+        Settings(
+            payer_name=config.service.payer_name,
+            public_base_url=config.service.public_base_url,
+            fhir_timeout_seconds=config.fhir.timeout_seconds,
+            allow_http=config.fhir.allow_http,
+        ),
+        transport=fhir_transport,
+    )
+    store = Store(config.storage.url)
+    authenticator = JwtAuthenticator(config.auth, store.claim_jti, jwks_transport) \
+        if config.auth.mode == "jwt" else None
+    cds = CdsApp(config, store, service, authenticator)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            store.close()
+
+    app = Starlette(
+        routes=[
+            Route("/cds-services", cds.discovery, methods=["GET"]),
+            Route("/cds-services/{service_id}", cds.hook, methods=["POST"]),
+            Route("/cds-services/{service_id}/feedback", cds.feedback, methods=["POST"]),
+            Route("/health", cds.health, methods=["GET"]),
+            Route("/policies/{policy_id}", cds.policy_text, methods=["GET"]),
+        ],
+        middleware=[
+            Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],
+                       allow_headers=["Authorization", "Content-Type", "Accept"], max_age=600),
+        ],
+        exception_handlers={HTTPException: http_error, Exception: server_error},
+        lifespan=lifespan,
+    )
+    app.state.cds = cds
+    return app
