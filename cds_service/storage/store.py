@@ -127,7 +127,7 @@ class Store:
             query = query.where(hook_audit.c.received_at >= since)
         with self.engine.connect() as connection:
             for row in connection.execute(query):
-                item = dict(row._mapping)
+                item = {str(k): v for k, v in row._mapping.items()}
                 item["received_at"] = _iso(item["received_at"])
                 yield item
 
@@ -164,7 +164,7 @@ class Store:
         )
         with self.engine.connect() as connection:
             for row in connection.execute(query):
-                item = dict(row._mapping)
+                item = {str(k): v for k, v in row._mapping.items()}
                 item["received_at"] = _iso(item["received_at"])
                 yield item
 
