@@ -190,11 +190,9 @@ class ValueSet:
         self._systems = systems
         phrases = [str(t).strip() for t in text if str(t).strip()]
         self.text_phrases = tuple(phrases)
+        alternatives = "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True))
         self._text = (
-            re.compile(
-                r"(?<![\w-])(?:" + "|".join(re.escape(p) for p in sorted(phrases, key=len, reverse=True)) + r")(?![\w-])",
-                re.IGNORECASE,
-            )
+            re.compile(r"(?<![\w-])(?:" + alternatives + r")(?![\w-])", re.IGNORECASE)
             if phrases
             else None
         )

@@ -13,7 +13,7 @@ from starlette.testclient import TestClient
 from cds_service.web.app import create_app
 
 from .conftest import make_config
-from .support import HOOK_CORPUS, SERVICE_FOR_HOOK, FIXTURES, hook_request, load, scenario_request
+from .support import FIXTURES, HOOK_CORPUS, SERVICE_FOR_HOOK, hook_request, load, scenario_request
 
 SIGN = "/cds-services/coverage-requirements-order-sign"
 SELECT = "/cds-services/coverage-requirements-order-select"
@@ -49,7 +49,8 @@ def test_discovery_lists_a_service_per_hook(client: TestClient) -> None:
         assert service["title"] and service["description"] and service["usageRequirements"]
         for key, query in service["prefetch"].items():
             assert "{{context.patientId}}" in query, key
-        assert "Observation?patient={{context.patientId}}&code=http://loinc.org|72514-3" in service["prefetch"]["observations"]
+        observations = service["prefetch"]["observations"]
+        assert "Observation?patient={{context.patientId}}&code=http://loinc.org|72514-3" in observations
         options = service["extension"]["davinci-crd.configuration-options"]
         assert any(o["type"] == "boolean" and o["code"] == "coverage-info" for o in options)
     no_nulls_or_empty_lists(response.json())
@@ -111,7 +112,8 @@ def test_configuration_can_turn_cards_off(client: TestClient) -> None:
     (lambda b: b.update(prefetch=[]), "prefetch must be an object"),
     (lambda b: b.update(fhirAuthorization={"access_token": "x", "token_type": "Bearer"}),
      "fhirServer is required when fhirAuthorization"),
-    (lambda b: b.update(fhirServer="https://ehr.example/fhir", fhirAuthorization={"access_token": "x", "token_type": "MAC"}),
+    (lambda b: b.update(fhirServer="https://ehr.example/fhir",
+                        fhirAuthorization={"access_token": "x", "token_type": "MAC"}),
      "token_type must be 'Bearer'"),
 ])
 def test_request_validation(client: TestClient, mutate: Any, message: str) -> None:
@@ -217,7 +219,7 @@ def test_feedback_validation(client: TestClient, entry: dict[str, Any], message:
 @pytest.mark.parametrize("path", HOOK_CORPUS, ids=[p.stem for p in HOOK_CORPUS])
 def test_public_requests_get_200_or_a_clear_4xx(client: TestClient, path: Path) -> None:
     body = json.loads(path.read_text())
-    hook = body.get("hook") if isinstance(body, dict) else None
+    hook = str(body.get("hook")) if isinstance(body, dict) else ""
     response = client.post(f"/cds-services/{SERVICE_FOR_HOOK.get(hook, 'coverage-requirements-order-sign')}",
                            json=body)
     assert response.status_code < 500, response.text

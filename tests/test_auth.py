@@ -45,7 +45,8 @@ class Key:
         self.jwk = {**jwk.construct(self.public_pem, alg).to_dict(), "kid": kid, "alg": alg, "use": "sig"}
         self.jwk = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.jwk.items()}
 
-    def token(self, claims: dict[str, Any] | None = None, headers: dict[str, Any] | None = None, **overrides: Any) -> str:
+    def token(self, claims: dict[str, Any] | None = None, headers: dict[str, Any] | None = None,
+              **overrides: Any) -> str:
         now = int(time.time())
         body = {"iss": ISS, "aud": AUD, "iat": now, "exp": now + 300, "jti": str(uuid.uuid4()), **(claims or {})}
         for key, value in overrides.items():
@@ -53,8 +54,9 @@ class Key:
                 body.pop(key, None)
             else:
                 body[key] = value
-        return jwt.encode(body, self.private_pem, algorithm=self.alg,
-                          headers={"kid": self.kid, "typ": "JWT", **(headers or {})})
+        token: str = jwt.encode(body, self.private_pem, algorithm=self.alg,
+                                headers={"kid": self.kid, "typ": "JWT", **(headers or {})})
+        return token
 
 
 ES = Key("ES384", "es-1")
@@ -94,7 +96,9 @@ def secured(sqlite_url: str, jwks: respx.MockRouter) -> Iterator[TestClient]:
 
 
 def call(client: TestClient, token: str) -> httpx.Response:
-    return client.post(SIGN, json=scenario_request(KETAMINE), headers={"Authorization": f"Bearer {token}"})
+    response: httpx.Response = client.post(SIGN, json=scenario_request(KETAMINE),
+                                           headers={"Authorization": f"Bearer {token}"})
+    return response
 
 
 def assert_rejected(response: httpx.Response) -> None:

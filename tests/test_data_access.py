@@ -11,8 +11,8 @@ import pytest
 import respx
 from starlette.testclient import TestClient
 
-from cds_service.hooks.service import CoverageService, HookResult
 from cds_service.fhir.gather import DataUnavailable
+from cds_service.hooks.service import CoverageService, HookResult
 from cds_service.web.app import create_app
 
 from .conftest import make_config
@@ -100,7 +100,8 @@ def test_operation_outcome_prefetch_is_refetched(service: CoverageService) -> No
 
 def test_operation_outcome_without_server_is_412(service: CoverageService) -> None:
     body = scenario_request(TRIAL)
-    body["prefetch"]["observations"] = {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "exception"}]}
+    body["prefetch"]["observations"] = {"resourceType": "OperationOutcome",
+                                        "issue": [{"severity": "error", "code": "exception"}]}
     with pytest.raises(DataUnavailable, match="observations"):
         run(service, body)
 

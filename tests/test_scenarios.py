@@ -62,7 +62,8 @@ def test_scenario(path: Path, service: CoverageService) -> None:
         if "summary_contains" in expected:
             assert expected["summary_contains"] in card["summary"], card["summary"]
         assert card["indicator"] == ("warning" if expected["outcome"] == "not-covered" else "info")
-        action = next(a for a in actions if a["resource"]["resourceType"] + "/" + a["resource"]["id"] == expected["order"])
+        action = next(a for a in actions
+                      if a["resource"]["resourceType"] + "/" + a["resource"]["id"] == expected["order"])
         ext = coverage_extension(action["resource"])
         assert ext["covered"]["valueCode"] == expected["outcome"]
         for evidence in expected.get("evidence", []):

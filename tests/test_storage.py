@@ -52,7 +52,7 @@ def test_every_hook_call_is_audited(storage_url: str) -> None:
     assert first["hook_instance"] == body["hookInstance"] and first["patient_id"] == "p1"
     assert first["orders"] == ["MedicationRequest/ket"]
     decision = first["decisions"][0]
-    assert decision["policy"] == "MP-446" and decision["outcome"] == "not-covered" and decision["rule"] == "chronic-pain"
+    assert (decision["policy"], decision["outcome"], decision["rule"]) == ("MP-446", "not-covered", "chronic-pain")
     assert decision["evidence"] and decision["clause"]
     assert first["response"] == ok.json()
     assert first["latency_ms"] > 0
@@ -66,7 +66,8 @@ def test_feedback_is_linked_to_the_card_and_its_decision(storage_url: str) -> No
         response = client.post(SIGN, json=scenario_request(KETAMINE)).json()
         card = response["cards"][0]
         assertion = response["systemActions"][0]["resource"]["extension"][0]["extension"][-1]["valueString"]
-        feedback = {"feedback": [{"card": card["uuid"], "outcome": "overridden", "outcomeTimestamp": "2026-06-01T10:00:00Z",
+        feedback = {"feedback": [{"card": card["uuid"], "outcome": "overridden",
+                                  "outcomeTimestamp": "2026-06-01T10:00:00Z",
                                   "overrideReason": {"reason": {"code": "alt", "system": "http://example.org"},
                                                      "userComment": "will appeal"}}]}
         assert client.post(f"{SIGN}/feedback", json=feedback).status_code == 200

@@ -79,7 +79,7 @@ class KeyCache:
         keys = data.get("keys") if isinstance(data, dict) else None
         if not isinstance(keys, list):
             raise AuthError(f"JWK Set {url} has no keys")
-        found = [k for k in keys if isinstance(k, dict)]
+        found: list[Mapping[str, Any]] = [k for k in keys if isinstance(k, dict)]
         self._sets[url] = _KeySet(found, time.monotonic())
         return found
 

@@ -154,7 +154,7 @@ class OrderRouteIn(Criterion):
             if ctx.implied_route == self.value_set.name:
                 return Result.met(Evidence(ctx.order.reference,
                                            f"the order code implies the {self.value_set.title} route"))
-            return Result.not_met(Evidence(ctx.order.reference, f"the order code implies another route"))
+            return Result.not_met(Evidence(ctx.order.reference, "the order code implies another route"))
         routes = ctx.order.routes
         if not routes:
             return self._unknown("the route of administration")
@@ -475,7 +475,7 @@ class TemporaryTrial(Criterion):
                          and s.when < trial.start and s not in results]
             if not baselines:
                 continue
-            baseline = max(baselines, key=lambda s: s.when or trial.start)
+            baseline = max(baselines, key=lambda s: s.when or dt.datetime.min.replace(tzinfo=dt.UTC))
             if baseline.value <= 0:
                 continue
             reduction = (baseline.value - result.value) / baseline.value

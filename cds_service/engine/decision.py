@@ -15,7 +15,7 @@ class Status(enum.Enum):
     UNKNOWN = "unknown"
 
 
-class Outcome(str, enum.Enum):
+class Outcome(enum.StrEnum):
     COVERED = "covered"
     NOT_COVERED = "not-covered"
     CONDITIONAL = "conditional"
@@ -109,7 +109,8 @@ class Decision:
                     "rule": t.rule_id,
                     "applied": t.applied,
                     "criteria": [
-                        {"kind": c.kind, "phase": c.phase, "status": c.status.value, **({"notes": list(c.notes)} if c.notes else {})}
+                        {"kind": c.kind, "phase": c.phase, "status": c.status.value,
+                         **({"notes": list(c.notes)} if c.notes else {})}
                         for c in t.criteria
                     ],
                 }

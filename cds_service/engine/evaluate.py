@@ -125,7 +125,8 @@ def decide(policy_set: PolicySet, policy: Policy, trigger: Trigger, how: str, or
     )
     candidates, notes = indication_candidates(policy, ctx)
     results = []
-    for candidate in candidates or [None]:
+    options: list[Indication | None] = list(candidates) or [None]
+    for candidate in options:
         ctx.indication = candidate
         results.append(_run_rules(policy, ctx))
     first = results[0]

@@ -127,12 +127,12 @@ _PAS = {"no-auth", "auth-needed", "conditional", "performpa"}
 def _keys(where: str, data: Any, required: set[str], optional: set[str] = frozenset()) -> Mapping[str, Any]:  # type: ignore[assignment]
     if not isinstance(data, Mapping):
         raise PolicyError(f"{where}: expected a mapping")
-    missing = required - set(data)
-    if missing:
-        raise PolicyError(f"{where}: missing {sorted(missing)}")
     unknown = set(data) - required - set(optional)
     if unknown:
         raise PolicyError(f"{where}: unknown key(s) {sorted(unknown)}")
+    missing = required - set(data)
+    if missing:
+        raise PolicyError(f"{where}: missing {sorted(missing)}")
     return data
 
 

@@ -40,7 +40,7 @@ def _code_filter(value_sets: list[ValueSet], systems_of: Any) -> RawFilter:
 
 
 def _code_param(value_sets: list[ValueSet]) -> str:
-    tokens = []
+    tokens: list[str] = []
     for vs in value_sets:
         for system, codes in vs.listed.items():
             uri = vs.canonical_uri(system)

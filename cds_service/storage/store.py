@@ -38,7 +38,7 @@ class AuditRecord:
     decisions: list[dict[str, Any]]
     response: Any
     request: Any
-    cards: Sequence[Mapping[str, str]] = ()
+    cards: Sequence[Mapping[str, Any]] = ()
 
 
 def _utcnow() -> dt.datetime:

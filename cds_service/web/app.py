@@ -138,7 +138,7 @@ class CdsApp:
               response: Response, received: dt.datetime, started: float) -> None:
         request_json = redact(body) if isinstance(body, Mapping) else None
         context = body.get("context") if isinstance(body, Mapping) else None
-        cards: list[dict[str, str]] = []
+        cards: list[dict[str, Any]] = []
         decisions: list[dict[str, Any]] = []
         response_json: Any = None
         if result is not None:
