@@ -205,15 +205,20 @@ def test_plain_http_server_off_loopback_is_never_contacted(client: TestClient) -
 
 
 def test_invalid_resources_are_skipped_and_named(service: CoverageService) -> None:
+    """An invalid pain score that would have been the trial's result is skipped, named in the trace,
+    and the decision is made on the valid scores."""
     body = scenario_request(TRIAL)
-    body["prefetch"]["conditions"]["entry"].append(
-        {"resource": {"resourceType": "Condition", "id": "broken", "subject": "not a reference"}})
+    broken = {"resourceType": "Observation", "id": "broken", "status": "final", "subject": "not a reference",
+              "code": {"coding": [{"system": "http://loinc.org", "code": "72514-3"}]}, "valueInteger": 1,
+              "effectiveDateTime": "2026-05-01T12:00:00Z", "partOf": [{"reference": "Procedure/trial"}]}
+    body["prefetch"]["observations"]["entry"].append({"resource": broken})
     body["prefetch"]["conditions"]["entry"].append({"fullUrl": "urn:uuid:x"})  # an entry with no resource
     del body["prefetch"]["observations"]["type"]
     result = run(service, body)
     decision = pump_decision(result)
     assert decision.outcome.value == "covered"
-    assert any(s.startswith("Condition/broken:") for s in decision.skipped_resources)
+    assert any(s.startswith("Observation/broken: subject") for s in decision.skipped_resources)
+    assert "Observation/broken" in str(decision.explain())
 
 
 def test_large_record_validates_only_what_decisions_use(service: CoverageService) -> None:
@@ -223,10 +228,10 @@ def test_large_record_validates_only_what_decisions_use(service: CoverageService
     body["prefetch"] = prefetch_for(resources)
     body["prefetch"]["everything"] = bundle
     record = asyncio.run(service.record_for(service.parse(SIGN, body), service.policies.policies, None))
-    observations = record.resources.get("Observation", [])
+    observations = record.get("Observation")
     assert observations and all(o.code.coding[0].code == "72514-3" for o in observations)
-    assert "Claim" not in record.resources and "Encounter" not in record.resources
-    assert len(record.resources["Condition"]) == 7
+    assert record.get("Claim") == [] and record.get("Encounter") == []
+    assert len(record.get("Condition")) == 7
 
 
 def test_token_is_never_logged_or_stored(sqlite_url: str, caplog: pytest.LogCaptureFixture) -> None:

@@ -13,7 +13,7 @@ from decimal import Decimal
 from typing import Any, ClassVar
 
 from ..terminology import Concept, ValueSet
-from .context import EvaluationContext, period_of, reference_of, references, status_code
+from .context import EvaluationContext, as_utc, period_of, reference_of, references, status_code
 from .decision import Evidence, Result, Status
 
 
@@ -303,13 +303,29 @@ class _Trial:
     parts: set[str]
 
 
-@dataclass
+@dataclass(eq=False)
 class _Score:
     reference: str
     code: str
     value: Decimal
     when: dt.datetime | None
     part_of: set[str]
+    raw: Mapping[str, Any]
+
+
+def _raw_number(raw: Mapping[str, Any]) -> Decimal | None:
+    quantity = raw.get("valueQuantity")
+    value = quantity.get("value") if isinstance(quantity, Mapping) else raw.get("valueInteger")
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return Decimal(str(value))
+
+
+def _raw_references(raw: Mapping[str, Any], key: str) -> set[str]:
+    items = raw.get(key)
+    if not isinstance(items, list):
+        return set()
+    return {str(r["reference"]) for r in items if isinstance(r, Mapping) and isinstance(r.get("reference"), str)}
 
 
 class TemporaryTrial(Criterion):
@@ -393,21 +409,21 @@ class TemporaryTrial(Criterion):
         return trials
 
     def _scores(self, ctx: EvaluationContext) -> list[_Score]:
+        """Pain scores read from the raw Observations: a record may hold dozens, and only the baseline
+        and result a trial is judged on are validated (in :meth:`_assess`)."""
         scores = []
-        for obs in ctx.record.of_type("Observation"):
-            if obs.status not in _FINAL_OBSERVATION:
+        for raw in ctx.record.raw_of_type("Observation"):
+            if raw.get("status") not in _FINAL_OBSERVATION:
                 continue
-            coding = self.pain_scores.first_match(ctx.concept(obs.code).codings)
-            if coding is None:
+            coding = self.pain_scores.first_match(ctx.systems.concept(raw.get("code")).codings)
+            value = _raw_number(raw)
+            if coding is None or value is None:
                 continue
-            if obs.valueQuantity is not None and obs.valueQuantity.value is not None:
-                value = Decimal(str(obs.valueQuantity.value))
-            elif obs.valueInteger is not None:
-                value = Decimal(obs.valueInteger)
-            else:
-                continue
-            when, _ = period_of(obs, "effective")
-            scores.append(_Score(reference_of(obs), coding.code, value, when, set(references(obs.partOf))))
+            period = raw.get("effectivePeriod")
+            when = as_utc(raw.get("effectiveDateTime")) or (
+                as_utc(period.get("start")) if isinstance(period, Mapping) else None)
+            scores.append(_Score(f"Observation/{raw.get('id')}", coding.code, value, when,
+                                 _raw_references(raw, "partOf"), raw))
         return scores
 
     def evaluate(self, ctx: EvaluationContext) -> Result:
@@ -431,7 +447,7 @@ class TemporaryTrial(Criterion):
                 notes.append(f"{trial.reference} ({trial.label}) was by {route}, not the planned route")
                 evidence.append(Evidence(trial.reference, f"trial by {route}: not the planned route"))
                 continue
-            status, finding = self._assess(trial, scores)
+            status, finding = self._assess(ctx, trial, scores)
             evidence.append(Evidence(trial.reference, finding[0]))
             evidence.extend(finding[1])
             if not trial.routes:
@@ -455,7 +471,26 @@ class TemporaryTrial(Criterion):
         return self._unknown(f"a temporary trial by the same route as the planned pump ({planned_words})",
                              *evidence, notes=notes)
 
-    def _assess(self, trial: _Trial, scores: list[_Score]) -> tuple[Status, tuple[str, list[Evidence]]]:
+    @staticmethod
+    def _best(trial: _Trial, scores: list[_Score], results: list[_Score]) -> tuple[Decimal, _Score, _Score] | None:
+        """The largest reduction from the last score before the trial to a score during/after it."""
+        assert trial.start is not None
+        best: tuple[Decimal, _Score, _Score] | None = None
+        for result in results:
+            baselines = [s for s in scores if s.code == result.code and s.when is not None
+                         and s.when < trial.start and s not in results]
+            if not baselines:
+                continue
+            baseline = max(baselines, key=lambda s: s.when or dt.datetime.min.replace(tzinfo=dt.UTC))
+            if baseline.value <= 0:
+                continue
+            reduction = (baseline.value - result.value) / baseline.value
+            if best is None or reduction > best[0]:
+                best = (reduction, baseline, result)
+        return best
+
+    def _assess(self, ctx: EvaluationContext, trial: _Trial,
+                scores: list[_Score]) -> tuple[Status, tuple[str, list[Evidence]]]:
         def in_trial(score: _Score) -> bool:
             if any(_same_ref(p, ref) for p in score.part_of for ref in trial.parts):
                 return True
@@ -469,18 +504,14 @@ class TemporaryTrial(Criterion):
             return Status.UNKNOWN, (f"trial '{trial.label}' has no pain score during or after it", [])
         if trial.start is None:
             return Status.UNKNOWN, (f"trial '{trial.label}' has no date, so no baseline score can be found", [])
-        best: tuple[Decimal, _Score, _Score] | None = None
-        for result in results:
-            baselines = [s for s in scores if s.code == result.code and s.when is not None
-                         and s.when < trial.start and s not in results]
-            if not baselines:
-                continue
-            baseline = max(baselines, key=lambda s: s.when or dt.datetime.min.replace(tzinfo=dt.UTC))
-            if baseline.value <= 0:
-                continue
-            reduction = (baseline.value - result.value) / baseline.value
-            if best is None or reduction > best[0]:
-                best = (reduction, baseline, result)
+        best = self._best(trial, scores, results)
+        while best is not None:
+            invalid = [s for s in best[1:] if ctx.record.validated(s.raw) is None]
+            if not invalid:
+                break
+            scores = [s for s in scores if s not in invalid]
+            results = [s for s in results if s not in invalid]
+            best = self._best(trial, scores, results)
         if best is None:
             return Status.UNKNOWN, (f"trial '{trial.label}' has no baseline pain score on the same scale before it",
                                     [])

@@ -1,7 +1,9 @@
 """The patient's record as the decisions see it: validated FHIR R4 (R4B models) resources by type.
 
-Only the resource types a decision can use are validated, and within a type only the resources that
-pass a cheap filter on the raw JSON (for example, Observations with a pain-score code). A resource
+Only the resource types a decision can use are kept, and within a type only the resources that pass a
+cheap filter on the raw JSON (for example, Observations with a pain-score code). They are validated
+lazily: a type is validated when a criterion first reads it, so a decision that never looks at, say,
+pain scores never pays for them. A resource
 that fails validation is skipped and named, never fatal. A resource type that could not be read at
 all (the EHR's query failed, the FHIR server was down) is marked unavailable with the reason, so that
 no firm decision is made from data that could not be read.
@@ -66,29 +68,57 @@ def validation_summary(error: ValidationError, limit: int = 3) -> str:
 
 @dataclass
 class PatientRecord:
-    """Validated resources by type, with what was skipped and what could not be read."""
+    """Resources by type (kept raw, validated on use), what was skipped and what could not be read."""
 
-    resources: dict[str, list[Any]] = field(default_factory=dict)
     unavailable: dict[str, str] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
     consulted: set[str] = field(default_factory=set)
-    _by_reference: dict[str, Any] = field(default_factory=dict)
+    _raw: dict[str, list[Mapping[str, Any]]] = field(default_factory=dict)
+    _raw_by_reference: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    _models: dict[int, Any] = field(default_factory=dict)
 
     def of_type(self, resource_type: str) -> list[Any]:
-        """Resources of one type; records that the decision consulted this type."""
+        """Validated resources of one type; records that the decision consulted this type."""
         self.consulted.add(resource_type)
-        return self.resources.get(resource_type, [])
+        return self.get(resource_type)
+
+    def raw_of_type(self, resource_type: str) -> list[Mapping[str, Any]]:
+        """Resources of one type as JSON, not yet validated: for criteria that pick a few among many
+        and validate only those (see :meth:`validated`). Records that the decision consulted this type."""
+        self.consulted.add(resource_type)
+        return self._raw.get(resource_type, [])
+
+    def get(self, resource_type: str) -> list[Any]:
+        """Validated resources of one type (without recording a consultation)."""
+        models = (self.validated(raw) for raw in self._raw.get(resource_type, []))
+        return [m for m in models if m is not None]
+
+    def validated(self, raw: Mapping[str, Any]) -> Any | None:
+        """The fhir.resources model of a resource of this record, or None when it is invalid (then it is
+        skipped, and named in :attr:`skipped`). Each resource is validated at most once."""
+        key = id(raw)
+        if key in self._models:
+            return self._models[key]
+        model = MODELS[str(raw["resourceType"])]
+        resource: Any | None = None
+        try:
+            resource = model.model_validate(raw)
+        except ValidationError as error:
+            self.skipped.append(Skipped(reference_of(raw), validation_summary(error)))
+        except (TypeError, ValueError) as error:
+            self.skipped.append(Skipped(reference_of(raw), f"invalid resource: {type(error).__name__}"))
+        self._models[key] = resource
+        return resource
 
     def resolve(self, reference: str | None) -> Any | None:
-        """A resource by reference ("Condition/123", or a full URL ending so)."""
+        """A resource by reference ("Condition/123", or a full URL ending so), validated."""
         if not reference:
             return None
-        if reference in self._by_reference:
-            return self._by_reference[reference]
         parts = reference.rstrip("/").split("/")
-        if len(parts) >= 2:
-            return self._by_reference.get(f"{parts[-2]}/{parts[-1]}")
-        return None
+        if len(parts) < 2:
+            return None
+        raw = self._raw_by_reference.get(f"{parts[-2]}/{parts[-1]}")
+        return self.validated(raw) if raw is not None else None
 
     def technical_gaps(self) -> dict[str, str]:
         """Unavailable resource types that the decision consulted: the decision cannot be firm."""
@@ -96,28 +126,18 @@ class PatientRecord:
 
     def add(self, raw: Mapping[str, Any], filters: Mapping[str, RawFilter | None]) -> None:
         rtype = raw.get("resourceType")
-        if not isinstance(rtype, str) or rtype not in filters:
+        if not isinstance(rtype, str) or rtype not in filters or rtype not in MODELS:
             return
         keep = filters[rtype]
         if keep is not None and not keep(raw):
             return
-        model = MODELS.get(rtype)
-        if model is None:
-            return
         rid = raw.get("id")
-        if isinstance(rid, str) and f"{rtype}/{rid}" in self._by_reference:
-            return  # the same resource from another prefetch key or page
-        try:
-            resource = model.model_validate(raw)
-        except ValidationError as error:
-            self.skipped.append(Skipped(reference_of(raw), validation_summary(error)))
-            return
-        except (TypeError, ValueError) as error:
-            self.skipped.append(Skipped(reference_of(raw), f"invalid resource: {type(error).__name__}"))
-            return
-        self.resources.setdefault(rtype, []).append(resource)
         if isinstance(rid, str):
-            self._by_reference[f"{rtype}/{rid}"] = resource
+            key = f"{rtype}/{rid}"
+            if key in self._raw_by_reference:
+                return  # the same resource from another prefetch key or page
+            self._raw_by_reference[key] = raw
+        self._raw.setdefault(rtype, []).append(raw)
 
     def add_all(self, raws: Iterable[Mapping[str, Any]], filters: Mapping[str, RawFilter | None]) -> None:
         for raw in raws:

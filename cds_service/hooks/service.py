@@ -238,7 +238,7 @@ class CoverageService:
         return f"{base}/policies/{policy.id}"
 
     def _coverage_reference(self, record: PatientRecord) -> str | None:
-        for coverage in record.resources.get("Coverage", []):
+        for coverage in record.get("Coverage"):
             if coverage.status in (None, "active") and coverage.id:
                 return f"Coverage/{coverage.id}"
         return None

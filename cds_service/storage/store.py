@@ -26,6 +26,9 @@ _STOP = object()
 
 @dataclass
 class AuditRecord:
+    """One hook call. The JSON documents (orders, decisions, response, request) may be given already
+    serialised as bytes, which keeps queued records compact."""
+
     received_at: dt.datetime
     service_id: str
     hook: str | None
@@ -34,8 +37,8 @@ class AuditRecord:
     patient_id: str | None
     status_code: int
     latency_ms: float
-    orders: list[str]
-    decisions: list[dict[str, Any]]
+    orders: Any
+    decisions: Any
     response: Any
     request: Any
     cards: Sequence[Mapping[str, Any]] = ()
@@ -46,11 +49,11 @@ def _utcnow() -> dt.datetime:
 
 
 class Store:
-    def __init__(self, url: str, batch_size: int = 200) -> None:
+    def __init__(self, url: str, batch_size: int = 200, max_queued: int = 200) -> None:
         self.url = url
         self.engine = engine_for(url)
         migrate(self.engine)
-        self._queue: queue.Queue[Any] = queue.Queue()
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queued)
         self._batch_size = batch_size
         self._writer: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -58,13 +61,18 @@ class Store:
 
     # --- audit ------------------------------------------------------------------------------
 
-    def submit_audit(self, record: AuditRecord) -> None:
-        """Queue an audit record; the writer thread makes it durable shortly after."""
+    def submit_audit(self, record: AuditRecord) -> bool:
+        """Queue an audit record for the writer thread, which makes it durable shortly after. False when
+        the queue is full: the caller must then write it itself (backpressure keeps memory bounded)."""
         with self._lock:
             if self._writer is None:
                 self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
                 self._writer.start()
-        self._queue.put(record)
+        try:
+            self._queue.put_nowait(record)
+        except queue.Full:
+            return False
+        return True
 
     def write_audit(self, records: Sequence[AuditRecord]) -> None:
         """Write audit records now, in one transaction."""
@@ -117,7 +125,7 @@ class Store:
         with self._lock:
             writer, self._writer = self._writer, None
         if writer is not None:
-            self._queue.put(_STOP)
+            self._queue.put(_STOP)  # blocks while the queue is full: the writer is draining it
             writer.join()
         self.engine.dispose()
 

@@ -3,7 +3,29 @@
 
 from __future__ import annotations
 
+from typing import Any
+
+import orjson
 import sqlalchemy as sa
+
+
+class JSONText(sa.types.TypeDecorator[Any]):
+    """JSON kept as text. Values may arrive already serialised (bytes), as the audit path does to keep
+    its queue compact; anything else is serialised with orjson. Reads parse it back."""
+
+    impl = sa.Text
+    cache_ok = True
+
+    def process_bind_param(self, value: Any, dialect: sa.Dialect) -> str | None:
+        if value is None:
+            return None
+        if isinstance(value, bytes | bytearray):
+            return bytes(value).decode("utf-8")
+        return orjson.dumps(value).decode("utf-8")
+
+    def process_result_value(self, value: Any, dialect: sa.Dialect) -> Any:
+        return None if value is None else orjson.loads(value)
+
 
 metadata = sa.MetaData()
 
@@ -19,10 +41,10 @@ hook_audit = sa.Table(
     sa.Column("patient_id", sa.String(200)),
     sa.Column("status_code", sa.Integer, nullable=False),
     sa.Column("latency_ms", sa.Float, nullable=False),
-    sa.Column("orders", sa.JSON),
-    sa.Column("decisions", sa.JSON),
-    sa.Column("response", sa.JSON),
-    sa.Column("request", sa.JSON),
+    sa.Column("orders", JSONText),
+    sa.Column("decisions", JSONText),
+    sa.Column("response", JSONText),
+    sa.Column("request", JSONText),
 )
 
 card_decision = sa.Table(
@@ -47,7 +69,7 @@ feedback = sa.Table(
     sa.Column("outcome", sa.String(20), nullable=False),
     sa.Column("outcome_timestamp", sa.String(64), nullable=False),
     sa.Column("issuer", sa.String(500)),
-    sa.Column("entry", sa.JSON, nullable=False),
+    sa.Column("entry", JSONText, nullable=False),
 )
 
 jwt_replay = sa.Table(

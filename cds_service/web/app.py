@@ -6,6 +6,7 @@ OperationOutcome; nothing the client sends causes a 5xx or a stack trace.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -86,12 +87,13 @@ class CdsApp:
             return None
         return await self.authenticator.authenticate(request.headers.get("authorization"), audiences)
 
-    async def read_json(self, request: Request) -> Any:
+    async def read_json(self, request: Request) -> tuple[bytes, Any]:
+        """The body as received, and parsed."""
         body = await read_body(request, self.config.service.max_body_bytes)
         if not body.strip():
             raise RequestError("the request body is empty; a JSON object is required")
         try:
-            return loads(body)
+            return body, loads(body)
         except JSONDecodeError:
             raise RequestError("the request body is not valid JSON") from None
 
@@ -115,10 +117,11 @@ class CdsApp:
             principal = await self.authenticate(request, [self.endpoint_url(request)])
         except AuthError as error:
             return unauthorized(error)
+        raw: bytes | None = None
         body: Any = None
         result: HookResult | None = None
         try:
-            body = await self.read_json(request)
+            raw, body = await self.read_json(request)
             result = await self.service.handle(
                 service_id, body, self.base_url(request),
                 principal.fhir_server_allowlist if principal else None,
@@ -131,19 +134,23 @@ class CdsApp:
             response = operation_outcome(error.status, str(error), error.code)
         except DataUnavailable as error:
             response = operation_outcome(412, str(error), "not-found")
-        self.audit(service_id, body, result, principal, response, received, started)
+        await self.audit(service_id, raw, body, result, principal, response, received, started)
         return response
 
-    def audit(self, service_id: str, body: Any, result: HookResult | None, principal: Principal | None,
-              response: Response, received: dt.datetime, started: float) -> None:
-        request_json = redact(body) if isinstance(body, Mapping) else None
+    async def audit(self, service_id: str, raw: bytes | None, body: Any, result: HookResult | None,
+                    principal: Principal | None, response: Response, received: dt.datetime, started: float) -> None:
+        """Hand the call's audit record to the store, as compact serialised JSON: the request as received
+        (re-serialised without the FHIR access token when it carries one) and the response as sent."""
+        request_json: bytes | None = None
+        if isinstance(body, Mapping):
+            auth = body.get("fhirAuthorization")
+            has_token = isinstance(auth, Mapping) and ("access_token" in auth or "refresh_token" in auth)
+            request_json = dumps(redact(body)) if has_token or raw is None else raw
         context = body.get("context") if isinstance(body, Mapping) else None
         cards: list[dict[str, Any]] = []
         decisions: list[dict[str, Any]] = []
-        response_json: Any = None
         if result is not None:
             decisions = [d.explain() for d in result.decisions]
-            response_json = result.response
             by_order = {d.order_reference: d for d in result.decisions if d.decided}
             for card in result.response.get("cards", []):
                 ref = card["extension"]["davinci-crd.associated-resource"][0]["reference"]
@@ -155,8 +162,6 @@ class CdsApp:
                         "policy_id": decision.policy_id, "order_reference": ref,
                         "outcome": decision.outcome.value, "created_at": received,
                     })
-        else:
-            response_json = loads(bytes(response.body)) if response.body else None
         record = AuditRecord(
             received_at=received,
             service_id=service_id,
@@ -168,12 +173,13 @@ class CdsApp:
             latency_ms=(time.perf_counter() - started) * 1000,
             orders=[o.get("resourceType", "?") + "/" + str(o.get("id")) for o in result.request.draft_orders]
             if result else [],
-            decisions=decisions,
-            response=response_json,
+            decisions=dumps(decisions),
+            response=bytes(response.body) if response.body else None,
             request=request_json,
             cards=cards,
         )
-        self.store.submit_audit(record)
+        if not self.store.submit_audit(record):
+            await asyncio.to_thread(self.store.write_audit, [record])
 
     async def feedback(self, request: Request) -> Response:
         service_id = request.path_params["service_id"]
@@ -185,7 +191,7 @@ class CdsApp:
         except AuthError as error:
             return unauthorized(error)
         try:
-            entries = parse_feedback(await self.read_json(request))
+            entries = parse_feedback((await self.read_json(request))[1])
         except BodyTooLarge:
             return operation_outcome(413, "the request body is too large", "too-costly")
         except (RequestError, FeedbackError) as error:
