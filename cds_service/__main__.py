@@ -1,3 +1,4 @@
 from .cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # guarded: the audit writer process (spawn) re-imports the main module
+    raise SystemExit(main())

@@ -42,7 +42,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "or use --host 127.0.0.1.", file=sys.stderr)
         return 2
     load_policies(data_dir("policies", config.service.policies_dir))  # fail fast on a bad policy file
-    Store(config.storage.url).close()  # run migrations once, before any worker starts
+    Store(config.storage.url, writer="none").close()  # run migrations once, before any worker starts
     if args.config:
         os.environ[ENV_CONFIG] = str(Path(args.config).resolve())
     print(f"cds-service: {config.source}; storage {config.storage.url.split('@')[-1]}; auth {config.auth.mode}; "
@@ -118,7 +118,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
             return 2
         if since.tzinfo is None:
             since = since.replace(tzinfo=dt.UTC)
-    store = Store(_config(args).storage.url)
+    store = Store(_config(args).storage.url, writer="none")
     try:
         for row in store.audit_export(since):
             _print_json(row)
@@ -130,7 +130,7 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
 def cmd_audit_prune(args: argparse.Namespace) -> int:
     from .storage.store import Store
 
-    store = Store(_config(args).storage.url)
+    store = Store(_config(args).storage.url, writer="none")
     try:
         removed = store.audit_prune(args.older_than)
     finally:
@@ -142,7 +142,7 @@ def cmd_audit_prune(args: argparse.Namespace) -> int:
 def cmd_feedback_export(args: argparse.Namespace) -> int:
     from .storage.store import Store
 
-    store = Store(_config(args).storage.url)
+    store = Store(_config(args).storage.url, writer="none")
     try:
         for row in store.feedback_export():
             _print_json(row)

@@ -57,6 +57,7 @@ class FhirSettings:
 @dataclass
 class StorageSettings:
     url: str = DEFAULT_DATABASE
+    audit_writer: str = "process"
 
 
 @dataclass
@@ -134,6 +135,8 @@ def validate(config: Config) -> None:
         raise ConfigError("service.max_body_bytes must be positive")
     if not 0 < config.fhir.timeout_seconds <= 30:
         raise ConfigError("fhir.timeout_seconds must be between 0 and 30")
+    if config.storage.audit_writer not in ("process", "thread"):
+        raise ConfigError('storage.audit_writer must be "process" or "thread"')
     if not config.storage.url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
         raise ConfigError("storage.url must be sqlite:///... or postgresql://...")
     if config.service.public_base_url and not config.service.public_base_url.startswith(("https://", "http://")):

@@ -10,7 +10,7 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import yaml
 
@@ -27,8 +27,7 @@ class CodeSystem:
     hierarchical: bool
 
 
-@dataclass(frozen=True)
-class Coding:
+class Coding(NamedTuple):
     """A coding reduced to what matching needs: the system's short name (or raw URI) and the code."""
 
     system: str
@@ -81,11 +80,11 @@ class CodeSystems:
         except KeyError:
             raise TerminologyError(f"unknown code system {name!r}") from None
 
-    def short_name(self, uri: str | None) -> str | None:
+    def short_name(self, uri: Any) -> str | None:
         """The registry name for a system URI (any alias), or None when the system is not known."""
-        if not uri:
+        if not isinstance(uri, str) or not uri:
             return None
-        system = self._by_uri.get(uri.strip().rstrip("/"))
+        system = self._by_uri.get(uri) or self._by_uri.get(uri.strip().rstrip("/"))
         return system.name if system else None
 
     def coding(self, raw: Mapping[str, Any]) -> Coding | None:
@@ -122,8 +121,7 @@ class CodeSystems:
         return out
 
 
-@dataclass(frozen=True)
-class Concept:
+class Concept(NamedTuple):
     """A CodeableConcept reduced to its codings and its free text."""
 
     codings: tuple[Coding, ...]
@@ -234,10 +232,26 @@ class ValueSet:
             self.listed[system_name] = tuple(listed)
 
     def contains(self, coding: Coding) -> bool:
-        matcher = self._matchers.get(coding.system)
+        return self.contains_code(coding.system, coding.code)
+
+    def contains_code(self, system: str, code: str) -> bool:
+        """Whether ``code`` of the system with short name ``system`` is in this value set."""
+        matcher = self._matchers.get(system)
         if matcher is None:
             return False
-        return matcher.matches(coding.code, self._hierarchical[coding.system])
+        return matcher.matches(code, self._hierarchical[system])
+
+    def contains_raw(self, systems: CodeSystems, concept: Any) -> bool:
+        """Whether any coding of a CodeableConcept given as JSON is in this value set (a fast path for
+        filtering raw resources: no objects are built)."""
+        if not isinstance(concept, Mapping):
+            return False
+        for coding in concept.get("coding") or ():
+            if isinstance(coding, Mapping):
+                system, code = systems.short_name(coding.get("system")), coding.get("code")
+                if system and isinstance(code, str) and self.contains_code(system, code.strip()):
+                    return True
+        return False
 
     def first_match(self, codings: Iterable[Coding]) -> Coding | None:
         for coding in codings:

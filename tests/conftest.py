@@ -62,7 +62,9 @@ def sqlite_url(tmp_path: Path) -> str:
 
 
 def make_config(url: str, **service: object) -> Config:
-    config = Config(storage=StorageSettings(url=url))
+    """A config for in-process apps; the audit writer is a thread (a writer process per test app would
+    only cost start-up time; the process writer is tested with real servers in test_storage.py)."""
+    config = Config(storage=StorageSettings(url=url, audit_writer="thread"))
     for key, value in service.items():
         setattr(config.service, key, value)
     return config

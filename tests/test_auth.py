@@ -242,3 +242,19 @@ def test_issuer_can_restrict_the_fhir_server(sqlite_url: str, jwks: respx.MockRo
         response = client.post(SIGN, json=body, headers={"Authorization": f"Bearer {ES.token()}"})
     assert response.status_code == 412 and "allowlist" in response.text
     assert not fhir.called
+
+
+@pytest.mark.parametrize(("url", "prefix", "expected"), [
+    ("https://keys.ehr.example.org/jwks.json", "https://keys.ehr.example.org", True),
+    ("https://keys.ehr.example.org.attacker.example/jwks.json", "https://keys.ehr.example.org", False),
+    ("https://keys.ehr.example.org/keys/a.json", "https://keys.ehr.example.org/keys", True),
+    ("https://keys.ehr.example.org/keys-evil/a.json", "https://keys.ehr.example.org/keys", False),
+    ("https://keys.ehr.example.org/keys/a.json", "https://keys.ehr.example.org/keys/", True),
+    ("http://keys.ehr.example.org/keys/a.json", "https://keys.ehr.example.org/keys/", False),
+    ("https://keys.ehr.example.org:8443/keys/a.json", "https://keys.ehr.example.org/keys/", False),
+    ("https://user@keys.ehr.example.org/keys/a.json", "https://keys.ehr.example.org/keys/", False),
+])
+def test_allowlist_prefixes_match_on_host_and_path_segments(url: str, prefix: str, expected: bool) -> None:
+    from cds_service.fhir.client import url_under
+
+    assert url_under(url, prefix) is expected

@@ -23,6 +23,7 @@ from jose import jwt
 from jose.exceptions import JOSEError
 
 from ..config import AuthSettings, IssuerSettings
+from ..fhir.client import url_under
 
 log = logging.getLogger("cds_service.auth")
 
@@ -166,7 +167,7 @@ class JwtAuthenticator:
         kid = header.get("kid")
         jku = header.get("jku")
         if jku is not None:
-            if not isinstance(jku, str) or not any(jku.startswith(p) for p in issuer.jku_allowlist):
+            if not isinstance(jku, str) or not any(url_under(jku, p) for p in issuer.jku_allowlist):
                 raise AuthError("jku is not on the issuer's allowlist")
             keys = await self.cache.keys(jku, kid)
         elif issuer.jwks is not None:

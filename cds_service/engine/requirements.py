@@ -9,11 +9,11 @@ from typing import Any
 
 from ..fhir.gather import DataNeed
 from ..fhir.record import RawFilter
-from ..terminology import ValueSet
+from ..terminology import CodeSystems, ValueSet
 from .criteria import walk
 from .policy import Policy
 
-#: resource type -> (prefetch key, search with the patient token, extra parameters)
+#: resource type -> (prefetch key, patient-scoped search; a code filter is added from the policies)
 _SEARCHES: dict[str, tuple[str, str]] = {
     "Condition": ("conditions", "Condition?patient={{context.patientId}}"),
     "Observation": ("observations", "Observation?patient={{context.patientId}}"),
@@ -31,10 +31,13 @@ _SEARCHES: dict[str, tuple[str, str]] = {
 COVERAGE_NEED_KEY = "coverage"
 
 
-def _code_filter(value_sets: list[ValueSet], systems_of: Any) -> RawFilter:
+def _code_filter(value_sets: list[ValueSet], systems: CodeSystems) -> RawFilter:
+    """Keep a resource whose code is in one of the value sets (by code only: search by code is how the
+    prefetch query is scoped too)."""
+
     def keep(raw: Mapping[str, Any]) -> bool:
-        concept = systems_of.concept(raw.get("code"))
-        return any(vs.match(concept) for vs in value_sets)
+        code = raw.get("code")
+        return any(vs.contains_raw(systems, code) for vs in value_sets)
 
     return keep
 
@@ -48,7 +51,7 @@ def _code_param(value_sets: list[ValueSet]) -> str:
     return "&code=" + ",".join(tokens) if tokens else ""
 
 
-def data_needs(policies: Iterable[Policy], systems: Any) -> list[DataNeed]:
+def data_needs(policies: Iterable[Policy], systems: CodeSystems) -> list[DataNeed]:
     """What the given policies read, one need per resource type, plus the patient's coverage."""
     scoped: dict[str, list[ValueSet] | None] = {"Condition": None}
     for policy in policies:

@@ -33,6 +33,24 @@ def is_loopback(host: str | None) -> bool:
         return False
 
 
+def url_under(url: str, prefix: str) -> bool:
+    """Whether ``url`` lies under the allowlisted ``prefix``: same scheme, host and port, and a path at
+    or below the prefix's path on a segment boundary. Unlike a plain string prefix, the entry
+    "https://keys.example.org" does not admit "https://keys.example.org.attacker.example/"."""
+    try:
+        target, allowed = urlsplit(url), urlsplit(prefix)
+        if (target.scheme, target.hostname, target.port) != (allowed.scheme, allowed.hostname, allowed.port):
+            return False
+    except ValueError:
+        return False
+    if target.username or target.password or not allowed.hostname:
+        return False
+    base = allowed.path
+    if not base or base.endswith("/"):
+        return target.path.startswith(base) or target.path + "/" == base
+    return target.path == base or target.path.startswith(base + "/")
+
+
 def fhir_server_problem(url: str, allow_http: bool, allowlist: Sequence[str] | None) -> str | None:
     """Why the service will not contact ``url``, or None when it may."""
     try:
@@ -45,7 +63,7 @@ def fhir_server_problem(url: str, allow_http: bool, allowlist: Sequence[str] | N
         return "fhirServer must not carry credentials"
     if parts.scheme == "http" and not (allow_http or is_loopback(parts.hostname)):
         return "fhirServer must use https (plain http is allowed only for loopback hosts)"
-    if allowlist is not None and not any(url.startswith(prefix) for prefix in allowlist):
+    if allowlist is not None and not any(url_under(url, prefix) for prefix in allowlist):
         return "fhirServer is not on this issuer's allowlist"
     return None
 

@@ -238,9 +238,11 @@ class CoverageService:
         return f"{base}/policies/{policy.id}"
 
     def _coverage_reference(self, record: PatientRecord) -> str | None:
-        for coverage in record.get("Coverage"):
-            if coverage.status in (None, "active") and coverage.id:
-                return f"Coverage/{coverage.id}"
+        """The patient's active Coverage, for the coverage-information extension (it is not evidence
+        for a decision, so it is read without validating the resource)."""
+        for coverage in record.raw_of_type("Coverage"):
+            if coverage.get("status") in (None, "active") and isinstance(coverage.get("id"), str):
+                return f"Coverage/{coverage['id']}"
         return None
 
     def _billing_code(self, item: InScope) -> Mapping[str, str] | None:

@@ -1,6 +1,6 @@
 """The audit log, the feedback store and the JWT replay store, on one database.
 
-Audit records are written off the request path by one background thread, in batches; ``close()``
+Audit records are written off the request path by a writer (writer.py), in batches; ``close()``
 (called on graceful shutdown, e.g. SIGTERM under uvicorn) flushes everything still queued, so no
 record of an answered request is lost on a graceful stop.
 """
@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import datetime as dt
 import logging
-import queue
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,9 +17,9 @@ import sqlalchemy as sa
 
 from .db import engine_for, migrate
 from .tables import card_decision, feedback, hook_audit, jwt_replay
+from .writer import AuditWriter, ProcessWriter, ThreadWriter
 
 log = logging.getLogger("cds_service.storage")
-_STOP = object()
 
 
 @dataclass
@@ -49,30 +47,28 @@ def _utcnow() -> dt.datetime:
 
 
 class Store:
-    def __init__(self, url: str, batch_size: int = 200, max_queued: int = 200) -> None:
+    def __init__(self, url: str, writer: str = "thread", max_queued: int = 64) -> None:
+        """``writer``: "thread" (a background thread), "process" (a child process: see writer.py) or
+        "none" (records are written only by :meth:`write_audit`)."""
         self.url = url
         self.engine = engine_for(url)
         migrate(self.engine)
-        self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_queued)
-        self._batch_size = batch_size
-        self._writer: threading.Thread | None = None
-        self._lock = threading.Lock()
         self._replay_checks = 0
+        self._writer: AuditWriter | None = None
+        if writer == "thread":
+            self._writer = ThreadWriter(self.write_audit, max_queued)
+        elif writer == "process":
+            self._writer = ProcessWriter(url, self.write_audit, max_queued)
+        elif writer != "none":
+            raise ValueError(f"unknown audit writer {writer!r}")
 
     # --- audit ------------------------------------------------------------------------------
 
     def submit_audit(self, record: AuditRecord) -> bool:
-        """Queue an audit record for the writer thread, which makes it durable shortly after. False when
-        the queue is full: the caller must then write it itself (backpressure keeps memory bounded)."""
-        with self._lock:
-            if self._writer is None:
-                self._writer = threading.Thread(target=self._write_loop, name="audit-writer", daemon=True)
-                self._writer.start()
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            return False
-        return True
+        """Queue an audit record for the writer, which makes it durable shortly after. False when the
+        queue is full (or there is no writer): the caller must then write it itself with
+        :meth:`write_audit` (backpressure keeps memory bounded and nothing is dropped)."""
+        return self._writer is not None and self._writer.submit(record)
 
     def write_audit(self, records: Sequence[AuditRecord]) -> None:
         """Write audit records now, in one transaction."""
@@ -90,43 +86,11 @@ class Store:
             if cards:
                 connection.execute(card_decision.insert(), cards)
 
-    def _write_loop(self) -> None:
-        stopping = False
-        while not stopping:
-            item = self._queue.get()
-            batch: list[AuditRecord] = []
-            if item is _STOP:
-                stopping = True
-            else:
-                batch.append(item)
-            while len(batch) < self._batch_size:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is _STOP:
-                    stopping = True
-                    continue
-                batch.append(item)
-            self._flush(batch)
-
-    def _flush(self, batch: list[AuditRecord]) -> None:
-        for attempt in range(3):
-            try:
-                self.write_audit(batch)
-                return
-            except sa.exc.SQLAlchemyError as error:
-                log.error("audit write failed (attempt %d, %d records): %s", attempt + 1, len(batch),
-                          type(error).__name__)
-        log.critical("audit write failed; %d records could not be stored", len(batch))
-
     def close(self) -> None:
         """Flush every queued audit record and stop the writer."""
-        with self._lock:
-            writer, self._writer = self._writer, None
+        writer, self._writer = self._writer, None
         if writer is not None:
-            self._queue.put(_STOP)  # blocks while the queue is full: the writer is draining it
-            writer.join()
+            writer.close()
         self.engine.dispose()
 
     def audit_export(self, since: dt.datetime | None = None) -> Iterator[dict[str, Any]]:

@@ -246,7 +246,7 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
         ),
         transport=fhir_transport,
     )
-    store = Store(config.storage.url)
+    store = Store(config.storage.url, writer=config.storage.audit_writer)
     authenticator = JwtAuthenticator(config.auth, store.claim_jti, jwks_transport) \
         if config.auth.mode == "jwt" else None
     cds = CdsApp(config, store, service, authenticator)

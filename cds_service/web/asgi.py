@@ -11,7 +11,9 @@ from .app import create_app
 
 
 def app_from_environment() -> Starlette:
-    # The audit writer thread does short bursts of work between GIL hand-offs; with the default 5 ms
-    # switch interval a busy event loop starves it (it fell hundreds of records behind under load).
+    # Audit records leave the event loop through a helper thread (the queue feeder of the writer
+    # process, or the writer thread), which works in short bursts between GIL hand-offs. With the default
+    # 5 ms switch interval a busy event loop starves it: measured with bench/run.py, typical-request
+    # throughput fell by a quarter and p99 tripled. See bench/README.md.
     sys.setswitchinterval(0.0005)
     return create_app(load_config())

@@ -1,6 +1,6 @@
 """Initial schema: hook audit log, card/decision index, feedback, JWT replay store.
 
-JSON documents are stored as text (see tables.JSONText).
+JSON documents are stored as UTF-8 bytes (see tables.JSONBytes).
 
 Revision ID: 0001
 Revises:
@@ -29,10 +29,10 @@ def upgrade() -> None:
         sa.Column("patient_id", sa.String(200)),
         sa.Column("status_code", sa.Integer, nullable=False),
         sa.Column("latency_ms", sa.Float, nullable=False),
-        sa.Column("orders", sa.Text),
-        sa.Column("decisions", sa.Text),
-        sa.Column("response", sa.Text),
-        sa.Column("request", sa.Text),
+        sa.Column("orders", sa.LargeBinary),
+        sa.Column("decisions", sa.LargeBinary),
+        sa.Column("response", sa.LargeBinary),
+        sa.Column("request", sa.LargeBinary),
     )
     op.create_index("ix_hook_audit_received_at", "hook_audit", ["received_at"])
     op.create_index("ix_hook_audit_hook_instance", "hook_audit", ["hook_instance"])
@@ -55,7 +55,7 @@ def upgrade() -> None:
         sa.Column("outcome", sa.String(20), nullable=False),
         sa.Column("outcome_timestamp", sa.String(64), nullable=False),
         sa.Column("issuer", sa.String(500)),
-        sa.Column("entry", sa.Text, nullable=False),
+        sa.Column("entry", sa.LargeBinary, nullable=False),
     )
     op.create_index("ix_feedback_card_uuid", "feedback", ["card_uuid"])
     op.create_table(
