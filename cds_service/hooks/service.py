@@ -14,13 +14,13 @@ import httpx
 from fhir.resources.R4B import get_fhir_model_class
 from pydantic import ValidationError
 
-from ..engine.decision import Decision, Outcome
+from ..engine.decision import Decision
 from ..engine.evaluate import decide
 from ..engine.orders import ORDER_TYPES, OrderFacts, order_facts
 from ..engine.policy import Policy, PolicySet, Trigger
 from ..engine.requirements import data_needs, prefetch_templates
 from ..fhir.client import FhirClient, fhir_server_problem
-from ..fhir.gather import DataUnavailable, gather_record
+from ..fhir.gather import gather_record
 from ..fhir.record import PatientRecord, validation_summary
 from .cards import CardRenderer
 from .coverage_info import annotated_order, coverage_information, new_assertion_id
@@ -254,13 +254,3 @@ class CoverageService:
                     billing["display"] = coding.display
                 return billing
         return None
-
-
-def outcome_counts(decisions: Sequence[Decision]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for decision in decisions:
-        counts[decision.outcome.value] = counts.get(decision.outcome.value, 0) + 1
-    return counts
-
-
-__all__ = ["SERVICES", "CoverageService", "DataUnavailable", "HookResult", "Outcome", "RequestError", "Settings"]

@@ -58,7 +58,7 @@ class Store:
         if writer == "thread":
             self._writer = ThreadWriter(self.write_audit, max_queued)
         elif writer == "process":
-            self._writer = ProcessWriter(url, self.write_audit, max_queued)
+            self._writer = ProcessWriter(url, max_queued)
         elif writer != "none":
             raise ValueError(f"unknown audit writer {writer!r}")
 

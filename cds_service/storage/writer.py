@@ -51,6 +51,15 @@ def _drain(get: Callable[[], Any], first: Any, get_nowait: Callable[[], Any]) ->
     return batch, stopping
 
 
+def _offer(records: Any, record: Any) -> bool:
+    """Queue ``record`` without waiting; False when the queue is full."""
+    try:
+        records.put_nowait(record)
+    except queue.Full:
+        return False
+    return True
+
+
 def write_with_retries(write: Callable[[Sequence[Any]], None], batch: list[Any]) -> None:
     if not batch:
         return
@@ -78,11 +87,7 @@ class ThreadWriter:
             write_with_retries(self._write, batch)
 
     def submit(self, record: Any) -> bool:
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            return False
-        return True
+        return _offer(self._queue, record)
 
     def close(self) -> None:
         self._queue.put(None)  # blocks while the queue is full: the writer is draining it
@@ -114,9 +119,8 @@ def _child(url: str, records: Any, parent: int) -> None:
 
 
 class ProcessWriter:
-    def __init__(self, url: str, write: Callable[[Sequence[Any]], None], max_queued: int = 64) -> None:
+    def __init__(self, url: str, max_queued: int = 64) -> None:
         context = multiprocessing.get_context("spawn")
-        self._write = write
         self._queue: Any = context.Queue(maxsize=max_queued)
         self._process = context.Process(target=_child, args=(url, self._queue, os.getpid()),
                                         name="cds-audit-writer", daemon=False)
@@ -125,12 +129,8 @@ class ProcessWriter:
 
     def submit(self, record: Any) -> bool:
         if self._closed or not self._process.is_alive():
-            return False
-        try:
-            self._queue.put_nowait(record)
-        except queue.Full:
-            return False
-        return True
+            return False  # the caller writes it itself: nothing is lost if the writer died
+        return _offer(self._queue, record)
 
     def close(self) -> None:
         if self._closed:
