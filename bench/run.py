@@ -30,6 +30,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_load  # noqa: E402
+from bench.stages import measure  # noqa: E402
 
 PATH = "/cds-services/coverage-requirements-order-sign"
 KEYS = {"Condition": "conditions", "Observation": "observations", "Procedure": "procedures",
@@ -168,6 +169,16 @@ def main() -> int:
     finally:
         service.stop()
         bare.stop()
+    stages = measure(bodies)
+    results["stages_ms"] = stages
+    for name, stage in stages.items():
+        print(f"in process, no HTTP: {name:8} parse {stage['parse_ms']:7.2f} ms, "
+              f"decision path {stage['decide_ms']:7.2f} ms")
+    for part in ("parse", "decide"):
+        results["growth"][f"large_vs_typical_{part}"] = round(
+            stages["large"][f"{part}_ms"] / stages["typical"][f"{part}_ms"], 2)
+    print(f"growth large/typical in process: decision path {results['growth']['large_vs_typical_decide']}x, "
+          f"parse {results['growth']['large_vs_typical_parse']}x")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
     print(f"results: {args.output}")

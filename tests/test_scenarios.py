@@ -4,6 +4,7 @@ patient's record, and the decisions expected per order (policy, outcome, rule, e
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from fhir.resources.R4B import get_fhir_model_class
 from cds_service.hooks.cards import escape_markdown
 from cds_service.hooks.service import CoverageService, HookResult
 
-from .support import SCENARIOS, SERVICE_FOR_HOOK, coverage_extension, load, scenario_request
+from .support import FIXTURES, SCENARIOS, SERVICE_FOR_HOOK, coverage_extension, load, scenario_request
 
 
 def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
@@ -73,3 +74,18 @@ def test_scenario(path: Path, service: CoverageService) -> None:
         if scenario["hook"] == "order-select":
             assert "doc-needed" not in ext
             assert "Documentation needed" not in card["detail"]
+
+
+def test_ehr_text_cannot_inject_markdown_into_the_card(service: CoverageService) -> None:
+    scenario = load(FIXTURES / "scenarios" / "mp446-ketamine-iv-chronic-pain.json")
+    hostile = "CRPS [see here](https://evil.example/x) <img src=x onerror=alert(1)> **now**\n# heading"
+    order = scenario["orders"][0]
+    order["medicationCodeableConcept"]["coding"][0]["display"] = hostile
+    order["reasonCode"][0]["coding"][0]["display"] = hostile
+    order["reasonCode"][0]["text"] = hostile
+    detail = run(service, scenario_request(scenario)).response["cards"][0]["detail"]
+    assert "](https://evil" not in detail and "[see here]" not in detail
+    assert re.search(r"(?<!\\)<img", detail) is None  # only as an escaped, literal "\<"
+    assert "**now**" not in detail
+    assert "\n# heading" not in detail
+    assert "evil.example" in detail  # the text is shown, but inert

@@ -14,7 +14,7 @@ from ..engine.decision import Decision, Outcome
 CARD_TYPE_SYSTEM = "http://terminology.hl7.org/CodeSystem/cdshooks-card-type"
 MAX_SUMMARY = 139
 
-_MD_SPECIAL = re.compile(r"([\\`*_{}\[\]()#+!|<>~])")
+_MD_ESCAPES = str.maketrans({**{c: "\\" + c for c in "\\`*_{}[]()#+!|<>~"}, "\n": " "})
 _STATUS_LABELS = {
     Outcome.COVERED: "covered",
     Outcome.NOT_COVERED: "not covered",
@@ -24,7 +24,7 @@ _STATUS_LABELS = {
 
 def escape_markdown(value: Any) -> str:
     """Text from the EHR or the record, made inert in markdown (no links, images, HTML or emphasis)."""
-    return _MD_SPECIAL.sub(r"\\\1", str(value)).replace("\n", " ")
+    return str(value).translate(_MD_ESCAPES)
 
 
 def escape_code(value: Any) -> str:
