@@ -158,6 +158,27 @@ def test_server_faults_give_an_honest_conditional(service: CoverageService, resp
     assert "could not be read" in result.response["cards"][0]["detail"]
 
 
+@pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
+def test_oversized_page_is_a_fault_not_data(service: CoverageService, monkeypatch: pytest.MonkeyPatch,
+                                            declared: bool) -> None:
+    monkeypatch.setattr("cds_service.fhir.client.MAX_PAGE_BYTES", 4096)
+    page = httpx.Response(200, json=searchset(by_type("Observation") * 40)).content
+    assert len(page) > 4096
+
+    async def chunks() -> Any:
+        for start in range(0, len(page), 1000):
+            yield page[start:start + 1000]
+
+    body = with_server(scenario_request(TRIAL), drop=("observations",))
+    with respx.mock(assert_all_called=False) as router:
+        router.get(url__startswith=f"{FHIR}/Observation?").mock(
+            return_value=httpx.Response(200, content=page if declared else chunks()))
+        result = run(service, body)
+    decision = pump_decision(result)
+    assert decision.outcome.value == "conditional" and decision.rule_id == "data-unavailable"
+    assert "more than 4096 bytes" in decision.technical["Observation"]
+
+
 def test_slow_server_is_cut_at_the_time_budget(policies: Any) -> None:
     from cds_service.hooks.service import Settings
     from cds_service.paths import data_dir

@@ -1,8 +1,9 @@
 """Patient-scoped searches against the EHR's FHIR server, with the hook's Bearer token.
 
 Only the request's own ``fhirServer`` is contacted: ``next`` links that leave it are not followed.
-Searches run concurrently within one time budget; a search that fails, times out or pages past the
-cap is reported as a failure with a reason, never raised to the caller.
+Searches run concurrently within one time budget; a search that fails, times out, pages past the
+cap or answers a page larger than ``MAX_PAGE_BYTES`` (read as a stream, never held whole) is reported
+as a failure with a reason, never raised to the caller.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import orjson
 from .bundles import Failure, next_link, resources_in
 
 MAX_PAGES = 20
+MAX_PAGE_BYTES = 32 * 1024 * 1024  # one page of search results; a larger answer is a fault, not data
 
 
 def is_loopback(host: str | None) -> bool:
@@ -116,16 +118,11 @@ class FhirClient:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return Failure(f"timed out after {self.budget:g} s")
+            page = await self._get(url, remaining)
+            if isinstance(page, Failure):
+                return page
             try:
-                response = await self._client.get(url, timeout=remaining)
-            except httpx.TimeoutException:
-                return Failure(f"timed out after {self.budget:g} s")
-            except httpx.HTTPError as error:
-                return Failure(f"FHIR server unreachable ({type(error).__name__})")
-            if response.status_code != 200:
-                return Failure(f"FHIR server answered HTTP {response.status_code}")
-            try:
-                bundle = orjson.loads(response.content)
+                bundle = orjson.loads(page)
             except orjson.JSONDecodeError:
                 return Failure("FHIR server answered with invalid JSON")
             if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
@@ -135,3 +132,25 @@ class FhirClient:
             if url is not None and not url.startswith(self.base):
                 return Failure("a paging link pointed outside the FHIR server; it was not followed")
         return found
+
+    async def _get(self, url: str, remaining: float) -> bytes | Failure:
+        """One page's body, read as a stream and abandoned once it passes ``MAX_PAGE_BYTES``."""
+        try:
+            async with self._client.stream("GET", url, timeout=remaining) as response:
+                if response.status_code != 200:
+                    return Failure(f"FHIR server answered HTTP {response.status_code}")
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) > MAX_PAGE_BYTES:
+                    return Failure(f"FHIR server answered more than {MAX_PAGE_BYTES} bytes in one page")
+                chunks: list[bytes] = []
+                size = 0
+                async for chunk in response.aiter_bytes():
+                    size += len(chunk)
+                    if size > MAX_PAGE_BYTES:
+                        return Failure(f"FHIR server answered more than {MAX_PAGE_BYTES} bytes in one page")
+                    chunks.append(chunk)
+                return b"".join(chunks)
+        except httpx.TimeoutException:
+            return Failure(f"timed out after {self.budget:g} s")
+        except httpx.HTTPError as error:
+            return Failure(f"FHIR server unreachable ({type(error).__name__})")
