@@ -4,6 +4,7 @@ patient's record, and the decisions expected per order (policy, outcome, rule, e
 from __future__ import annotations
 
 import asyncio
+import copy
 import re
 from pathlib import Path
 from typing import Any
@@ -89,3 +90,17 @@ def test_ehr_text_cannot_inject_markdown_into_the_card(service: CoverageService)
     assert "**now**" not in detail
     assert "\n# heading" not in detail
     assert "evil.example" in detail  # the text is shown, but inert
+
+
+def test_system_action_returns_the_order_as_sent_plus_coverage_information(service: CoverageService) -> None:
+    scenario = load(FIXTURES / "scenarios" / "mp446-ketamine-iv-chronic-pain.json")
+    own = {"url": "http://ehr.example.org/fhir/StructureDefinition/order-origin", "valueString": "favorites"}
+    scenario["orders"][0]["extension"] = [own]
+    body = scenario_request(scenario)
+    sent = copy.deepcopy(body)
+    updated = run(service, body).response["systemActions"][0]["resource"]
+    assert body == sent  # the request is not modified
+    assert updated["extension"][0] == own
+    assert updated["extension"][1]["url"].endswith("/ext-coverage-information")
+    assert {k: v for k, v in updated.items() if k != "extension"} == {
+        k: v for k, v in sent["context"]["draftOrders"]["entry"][0]["resource"].items() if k != "extension"}

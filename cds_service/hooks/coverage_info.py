@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import uuid
 from collections.abc import Mapping
 from typing import Any
@@ -51,11 +50,10 @@ def coverage_information(
 
 
 def annotated_order(order: Mapping[str, Any], extension: Mapping[str, Any]) -> dict[str, Any]:
-    """A copy of the order as the EHR sent it, with the coverage-information extension added."""
-    updated = copy.deepcopy(dict(order))
-    extensions = list(updated.get("extension") or [])
-    extensions.append(dict(extension))
-    updated["extension"] = extensions
+    """The order as the EHR sent it, with the coverage-information extension added. A new top-level
+    object and extension list; the rest is shared with the request, which nothing modifies."""
+    updated = dict(order)
+    updated["extension"] = [*(order.get("extension") or []), dict(extension)]
     return updated
 
 
