@@ -20,7 +20,7 @@ from ..engine.orders import ORDER_TYPES, OrderFacts, order_facts
 from ..engine.policy import Policy, PolicySet, Trigger
 from ..engine.requirements import data_needs, prefetch_templates
 from ..fhir.client import FhirClient, fhir_server_problem
-from ..fhir.gather import gather_record
+from ..fhir.gather import DataNeed, gather_record
 from ..fhir.record import PatientRecord, validation_summary
 from .cards import CardRenderer
 from .coverage_info import annotated_order, coverage_information, new_assertion_id
@@ -67,8 +67,8 @@ class CoverageService:
         self.policies = policies
         self.settings = settings
         self.renderer = CardRenderer(cards_dir)
-        self.needs = {p.id: data_needs([p], policies.systems) for p in policies.policies}
         self.all_needs = data_needs(policies.policies, policies.systems)
+        self._needs: dict[tuple[str, ...], list[DataNeed]] = {}
         self._transport = transport
         self._today = today or (lambda: dt.datetime.now(dt.UTC).date())
 
@@ -149,15 +149,17 @@ class CoverageService:
                     f"{validation_summary(error)}"
                 ) from None
 
+    def needs_for(self, policies: Sequence[Policy]) -> list[DataNeed]:
+        """What the in-scope policies read, merged per resource type (a type scoped by several policies'
+        value sets keeps what any of them can use); built once per combination of policies."""
+        key = tuple(sorted(p.id for p in policies))
+        if key not in self._needs:
+            self._needs[key] = data_needs(policies, self.policies.systems)
+        return self._needs[key]
+
     async def record_for(self, request: HookRequest, policies: Sequence[Policy],
                          fhir_server_allowlist: Sequence[str] | None) -> PatientRecord:
-        seen: set[str] = set()
-        needs = []
-        for policy in policies:
-            for need in self.needs[policy.id]:
-                if need.key not in seen:
-                    seen.add(need.key)
-                    needs.append(need)
+        needs = self.needs_for(policies)
         factory = None
         problem = None
         if not self.settings.contact_fhir_servers:
