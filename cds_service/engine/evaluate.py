@@ -31,7 +31,7 @@ class _RuleResult:
     indication: Indication | None = None
 
 
-def _trace(rule: Rule, phase: str, criteria: Sequence[object], result: Result, trace: RuleTrace) -> None:
+def _trace(phase: str, criteria: Sequence[object], result: Result, trace: RuleTrace) -> None:
     trace.criteria.append(CriterionTrace(
         kind=",".join(getattr(c, "kind", "?") for c in criteria) or "(always)",
         status=result.status,
@@ -50,13 +50,13 @@ def _run_rules(policy: Policy, ctx: EvaluationContext) -> _RuleResult:
         trace = RuleTrace(rule.id, applied=False)
         traces.append(trace)
         gate = evaluate_all(rule.when, ctx)
-        _trace(rule, "when", rule.when, gate, trace)
+        _trace("when", rule.when, gate, trace)
         if gate.status is not Status.MET:
             continue
         trace.applied = True
         need = evaluate_all(rule.require, ctx)
         if rule.require:
-            _trace(rule, "require", rule.require, need, trace)
+            _trace("require", rule.require, need, trace)
         if need.status is Status.MET:
             outcome = rule.outcome
         elif need.status is Status.NOT_MET:

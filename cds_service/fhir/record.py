@@ -2,9 +2,10 @@
 
 Only the resource types a decision can use are kept, and within a type only the resources that pass a
 cheap filter on the raw JSON (for example, Observations with a pain-score code). They are validated
-lazily: a type is validated when a criterion first reads it, so a decision that never looks at, say,
-pain scores never pays for them. A resource
-that fails validation is skipped and named, never fatal. A resource type that could not be read at
+lazily, each at most once: a criterion reads a whole type validated (:meth:`PatientRecord.of_type`) or
+picks a few resources from the raw JSON and validates only those (:meth:`PatientRecord.raw_of_type`,
+:meth:`PatientRecord.validated`), so a decision that never looks at, say, pain scores never pays for
+them. A resource that fails validation is skipped and named, never fatal. A resource type that could not be read at
 all (the EHR's query failed, the FHIR server was down) is marked unavailable with the reason, so that
 no firm decision is made from data that could not be read.
 """
