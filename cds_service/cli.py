@@ -4,22 +4,26 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .config import ENV_CONFIG, Config, ConfigError, load_config
 from .engine.decision import Decision
 from .engine.policy import PolicyError, load_policies
 from .fhir.client import is_loopback
 from .fhir.gather import DataUnavailable
-from .hooks.request import RequestError
+from .hooks.request import RequestError, operation_outcome_body
 from .hooks.service import SERVICES, CoverageService, Settings
 from .jsonutil import JSONDecodeError, dumps, loads
 from .paths import data_dir
+
+if TYPE_CHECKING:
+    from .storage.store import Store
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -93,22 +97,27 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             if args.explain:
                 print(explain_text(result.decisions) or "(no order in scope of any policy)")
         except (OSError, JSONDecodeError) as error:
-            _print_json(_outcome(f"{name}: cannot read a JSON request: {type(error).__name__}"))
+            _print_json(operation_outcome_body(f"{name}: cannot read a JSON request: {type(error).__name__}"))
             status = 1
         except (RequestError, DataUnavailable) as error:
-            _print_json(_outcome(f"{name}: {error}"))
+            _print_json(operation_outcome_body(f"{name}: {error}"))
             status = 1
     return status
 
 
-def _outcome(message: str) -> dict[str, Any]:
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": "invalid",
-                                                          "diagnostics": message}]}
+@contextlib.contextmanager
+def _store(args: argparse.Namespace) -> Iterator[Store]:
+    """The configured store, without an audit writer (these commands only read and prune)."""
+    from .storage.store import Store
+
+    store = Store(_config(args).storage.url, writer="none")
+    try:
+        yield store
+    finally:
+        store.close()
 
 
 def cmd_audit_export(args: argparse.Namespace) -> int:
-    from .storage.store import Store
-
     since = None
     if args.since:
         try:
@@ -118,36 +127,23 @@ def cmd_audit_export(args: argparse.Namespace) -> int:
             return 2
         if since.tzinfo is None:
             since = since.replace(tzinfo=dt.UTC)
-    store = Store(_config(args).storage.url, writer="none")
-    try:
+    with _store(args) as store:
         for row in store.audit_export(since):
             _print_json(row)
-    finally:
-        store.close()
     return 0
 
 
 def cmd_audit_prune(args: argparse.Namespace) -> int:
-    from .storage.store import Store
-
-    store = Store(_config(args).storage.url, writer="none")
-    try:
+    with _store(args) as store:
         removed = store.audit_prune(args.older_than)
-    finally:
-        store.close()
     print(f"removed {removed} audit records older than {args.older_than} days", file=sys.stderr)
     return 0
 
 
 def cmd_feedback_export(args: argparse.Namespace) -> int:
-    from .storage.store import Store
-
-    store = Store(_config(args).storage.url, writer="none")
-    try:
+    with _store(args) as store:
         for row in store.feedback_export():
             _print_json(row)
-    finally:
-        store.close()
     return 0
 
 

@@ -19,6 +19,11 @@ class RequestError(ValueError):
         self.code = code
 
 
+def operation_outcome_body(message: str, code: str = "invalid") -> dict[str, Any]:
+    """The FHIR OperationOutcome that reports an error to a client (HTTP answer or CLI output)."""
+    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": message}]}
+
+
 @dataclass(frozen=True, repr=False)
 class FhirAccess:
     """Where and how to read the EHR's FHIR server. The token is never printed, logged or stored."""
