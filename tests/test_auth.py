@@ -26,7 +26,7 @@ from starlette.testclient import TestClient
 
 from cds_service.auth.jwt import AuthError, JwtAuthenticator
 from cds_service.config import AuthSettings, ConfigError, IssuerSettings, parse_config
-from cds_service.urls import url_under
+from cds_service.urls import is_loopback, url_under
 from cds_service.web.app import create_app
 
 from .conftest import make_config
@@ -261,6 +261,11 @@ def test_issuer_can_restrict_the_fhir_server(sqlite_url: str, jwks: respx.MockRo
     ("http://keys.ehr.example.org/keys/a.json", "https://keys.ehr.example.org/keys/", False),
     ("https://keys.ehr.example.org:8443/keys/a.json", "https://keys.ehr.example.org/keys/", False),
     ("https://user@keys.ehr.example.org/keys/a.json", "https://keys.ehr.example.org/keys/", False),
+    ("https://keys.ehr.example.org/keys/../evil.json", "https://keys.ehr.example.org/keys/", False),
+    ("https://keys.ehr.example.org/keys/%2E%2E/evil.json", "https://keys.ehr.example.org/keys/", False),
+    ("https://keys.ehr.example.org/keys/./a.json", "https://keys.ehr.example.org/keys/", True),
+    ("https://KEYS.ehr.example.org:443/keys/a.json", "https://keys.ehr.example.org/keys/", True),
+    ("http://[::1]:8080/keys/a.json", "http://[::1]:8080/keys", True),
 ])
 def test_allowlist_prefixes_match_on_host_and_path_segments(url: str, prefix: str, expected: bool) -> None:
     assert url_under(url, prefix) is expected
@@ -514,3 +519,12 @@ def test_on_loopback_the_audience_is_the_listening_socket(tmp_path: Path) -> Non
 
 def toml_table(values: dict[str, Any]) -> str:
     return "{ " + ", ".join(f"{k} = {json.dumps(v)}" for k, v in values.items()) + " }"
+
+
+@pytest.mark.parametrize(("host", "expected"), [
+    ("localhost", True), ("127.0.0.1", True), ("127.8.9.10", True), ("::1", True), ("[::1]", True),
+    ("localhost.evil.example", False), ("127.0.0.1.evil.example", False), ("evil-localhost", False),
+    ("0.0.0.0", False), ("", False), (None, False),
+])
+def test_loopback_is_decided_on_the_parsed_host(host: str | None, expected: bool) -> None:
+    assert is_loopback(host) is expected

@@ -20,6 +20,7 @@ import pytest
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
+from cds_service.config import ConfigError, parse_config
 from cds_service.jsonutil import MAX_DEPTH
 from cds_service.storage.tables import hook_audit
 from cds_service.web.app import create_app
@@ -269,6 +270,24 @@ def test_idle_keep_alive_connections_are_closed(limited_server: ServerProcess) -
         sock.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n")
         data, waited = read_until_closed(sock)
     assert data.startswith(b"HTTP/1.1 200") and waited < 3
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"server": {"limit_concurrency": 0}}, "server.limit_concurrency must be at least 1"),
+    ({"server": {"body_read_timeout_seconds": 301}}, "server.body_read_timeout_seconds must be between"),
+    ({"server": {"header_timeout": 5}}, "unknown key server.header_timeout"),
+    ({"fhir": {"max_total_bytes": 0}}, "fhir.max_total_bytes must be positive"),
+    ({"auth": {"max_token_lifetime_seconds": 0}}, "auth.max_token_lifetime_seconds must be positive"),
+    ({"auth": {"audiences": ["not a url"]}}, "auth.audiences must be an absolute http(s) URL"),
+    ({"auth": {"issuers": [{"iss": "https://e.example", "jwks_url": "https://e.example/k", "replay_check": "no"}]}},
+     "replay_check has the wrong type"),
+    ({"auth": {"issuers": [{"iss": "https://e.example"}]}}, "needs jwks_url, jwks or jku_allowlist"),
+    ({"service": {"public_base_url": "https://cds.example/?x=1"}}, "must not carry a query"),
+])
+def test_new_settings_are_checked(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(data, "test.toml")
+    assert message in str(error.value)
 
 
 def test_server_limits_are_checked_at_start_up(tmp_path: Path) -> None:
