@@ -19,9 +19,10 @@ from ..engine.evaluate import decide
 from ..engine.orders import ORDER_TYPES, Medications, OrderFacts, medications_from, order_facts
 from ..engine.policy import Policy, PolicySet, TriggerMatch
 from ..engine.requirements import data_needs, prefetch_templates
-from ..fhir.client import FhirClient, fhir_server_problem
+from ..fhir.client import FhirClient, ReadLimits
 from ..fhir.gather import DataNeed, gather_record
 from ..fhir.record import PatientRecord, validation_summary
+from ..urls import Allowlist, fhir_server_problem
 from .cards import CardRenderer
 from .coverage_info import annotated_order, coverage_information, new_assertion_id
 from .request import HookRequest, RequestError, parse_hook_request
@@ -40,6 +41,7 @@ class Settings:
     fhir_timeout_seconds: float = 3.0
     allow_http: bool = False
     contact_fhir_servers: bool = True
+    fhir_limits: ReadLimits = field(default_factory=ReadLimits)
 
 
 @dataclass
@@ -163,7 +165,7 @@ class CoverageService:
         return self._needs[key]
 
     async def record_for(self, request: HookRequest, policies: Sequence[Policy],
-                         fhir_server_allowlist: Sequence[str] | None) -> PatientRecord:
+                         fhir_server_allowlist: Allowlist | None) -> PatientRecord:
         needs = self.needs_for(policies)
         factory = None
         problem = None
@@ -178,12 +180,12 @@ class CoverageService:
 
             def factory() -> FhirClient:
                 return FhirClient(access.server, access.access_token, self.settings.fhir_timeout_seconds,
-                                  transport=self._transport)
+                                  transport=self._transport, limits=self.settings.fhir_limits)
 
         return await gather_record(needs, request.prefetch, request.patient_id, factory, problem)
 
     async def handle(self, service_id: str, body: Any, base_url: str,
-                     fhir_server_allowlist: Sequence[str] | None = None) -> HookResult:
+                     fhir_server_allowlist: Allowlist | None = None) -> HookResult:
         """Answer one hook call. Raises RequestError (4xx) and DataUnavailable (412)."""
         request = self.parse(service_id, body)
         medications = self.medications(request)
