@@ -150,8 +150,8 @@ def _reconcile(results: list[_RuleResult], candidates: Candidates) -> tuple[_Rul
         label = "resolve conflicting codes"
     else:
         engine = INDICATION_AMBIGUOUS
-        where = "the order's reasons" if candidates.from_order else "the problem list"
-        text = (f"the indication for this order (reasonCode): {where} support more than one, with different "
+        where = "the order's reasons support" if candidates.from_order else "the problem list supports"
+        text = (f"the indication for this order (reasonCode): {where} more than one, with different "
                 "decisions: " + "; ".join(r.describe() for r in results))
         label = "state the indication"
     evidence = [e for r in results for e in r.evidence]

@@ -23,6 +23,9 @@ from ..decision import Evidence, Failure, Gap, Result
 from .base import Criterion, Lookup, check_keys, number, one_value_set
 from .scores import pain_scores
 
+#: the most recent severe scores tried as evidence (each is validated); invalid ones beyond do not count
+_MAX_VALIDATED = 20
+
 
 def _related_conditions(ctx: EvaluationContext, indication: Indication) -> list[Any]:
     """The indication's own Condition, else current Conditions on record sharing one of its codings."""
@@ -121,7 +124,7 @@ class PainSeverity(Criterion):
         start = months_before(end, self.months)
         recent = pain_scores(ctx, self.scores).between(start, end)
         severe = [s for s in recent if s.on_ten >= self.threshold]
-        for score in reversed(severe):
+        for score in list(reversed(severe))[:_MAX_VALIDATED]:
             if ctx.validated(score.raw) is not None:
                 return Result.met(Evidence(score.reference, f"pain score {score.value} ({score.code}) on "
                                                             f"{score.when.date().isoformat() if score.when else '?'}: "

@@ -193,6 +193,13 @@ class PumpDrugApproved(Criterion):
             for_indication = [a for a in approvals if self.indication in a.indications]
             if not for_indication:
                 other = sorted({i for a in approvals for i in a.indications})
+                inferred = ctx.indication is not None and ctx.indication.source == "problem list"
+                if other and inferred:
+                    # the drug points to another use than the one inferred from the problem list: ask, not deny
+                    gaps.append(Gap(f"the indication for the pump: its drug {named.title} is approved for "
+                                    f"{' and '.join(other)}, the problem list suggests {self.words}, and the order "
+                                    "states no reason", "state the pump's indication"))
+                    continue
                 detail = (f"it is approved for {' and '.join(other)} only" if other
                           else "it is not FDA approved for an implanted pump")
                 return self._fail(f"the pump drug '{pump_drug.label()}' is {named.title} [{how}]",
