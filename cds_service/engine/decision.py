@@ -36,11 +36,21 @@ class Evidence:
 
 @dataclass(frozen=True)
 class Gap:
-    """Something a decision depends on that the record does not show: the full text for the clinician, and
-    a short label for one-line summaries."""
+    """Something a decision depends on that the record does not show: the full text for the clinician, a
+    short label for one-line summaries, and what kind of fact it is (``kind``, one of ``GAP_KINDS``; ``about``
+    names the value sets it concerns), so that a documentation form can ask for exactly it."""
 
     text: str
     label: str | None = None
+    kind: str = "other"
+    about: str | None = None
+
+
+#: the kinds of missing facts the engine reports (a documentation form maps each to its items)
+GAP_KINDS = frozenset({
+    "indication", "indication-coding", "diagnosis-confirmation", "diagnosis", "route", "drug", "pump-drug",
+    "trial", "pain-duration", "pain-severity", "drug-failure", "technical", "other",
+})
 
 
 @dataclass(frozen=True)
@@ -115,6 +125,8 @@ class Decision:
     summary: str
     evidence: list[Evidence] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    #: what is missing, structured (``missing`` holds their texts)
+    gaps: list[Gap] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     indication: str | None = None
     technical: dict[str, str] = field(default_factory=dict)
@@ -139,6 +151,7 @@ class Decision:
             "indication": self.indication,
             "evidence": [{"reference": e.reference, "finding": e.finding} for e in self.evidence],
             "missing": list(self.missing),
+            "gaps": [{"kind": g.kind, **({"about": g.about} if g.about else {}), "text": g.text} for g in self.gaps],
             "notes": list(self.notes),
             "text_read": list(self.text_read),
             "technical": dict(self.technical),

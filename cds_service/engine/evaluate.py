@@ -98,13 +98,13 @@ def _run_rules(policy: Policy, ctx: EvaluationContext) -> _RuleResult:
             outcome = Outcome.CONDITIONAL
         gaps = list(need.gaps) if need.status is Status.UNKNOWN else []
         if outcome is Outcome.CONDITIONAL:
-            gaps.extend(Gap(m) for m in rule.missing)
+            gaps.extend(Gap(m, None, rule.gap_kind) for m in rule.missing)
         failure = need.failure if need.status is Status.NOT_MET else None
         return _RuleResult(rule, outcome, [*gate.evidence, *need.evidence], gaps, [*gate.notes, *need.notes],
                            traces, ctx.indication, failure)
     if ctx.indication is None:
-        return _RuleResult(None, Outcome.CONDITIONAL, gaps=[Gap(policy.missing_indication, "document the indication")],
-                           trace=traces, engine=INDICATION_MISSING)
+        gap = Gap(policy.missing_indication, "document the indication", "indication")
+        return _RuleResult(None, Outcome.CONDITIONAL, gaps=[gap], trace=traces, engine=INDICATION_MISSING)
     return _RuleResult(None, Outcome.OUT_OF_SCOPE, trace=traces, indication=ctx.indication)
 
 
@@ -119,11 +119,11 @@ def _capped(result: _RuleResult) -> _RuleResult:
         "other documentation is needed too"
     if indication.via_text:
         gap = Gap(f"a coded diagnosis (ICD-10-CM) for the indication written as '{indication.concept.label()}'; "
-                  + would.format("coded"), "code the indication")
+                  + would.format("coded"), "code the indication", "indication-coding")
         engine = INDICATION_UNCODED
     elif indication.question:
         gap = Gap(f"confirmation of the diagnosis '{indication.label()}' (recorded as {indication.question}); "
-                  + would.format("confirmed"), "confirm the diagnosis")
+                  + would.format("confirmed"), "confirm the diagnosis", "diagnosis-confirmation")
         engine = DIAGNOSIS_UNCONFIRMED
     else:
         return result
@@ -155,7 +155,7 @@ def _reconcile(results: list[_RuleResult], candidates: Candidates) -> tuple[_Rul
                 "decisions: " + "; ".join(r.describe() for r in results))
         label = "state the indication"
     evidence = [e for r in results for e in r.evidence]
-    return _RuleResult(None, Outcome.CONDITIONAL, evidence, [Gap(text, label)], engine=engine), []
+    return _RuleResult(None, Outcome.CONDITIONAL, evidence, [Gap(text, label, "indication")], engine=engine), []
 
 
 def _wording(policy: Policy, result: _RuleResult, gaps: list[Gap]) -> tuple[str, str, str]:
@@ -197,8 +197,8 @@ def decide(policy_set: PolicySet, policy: Policy, match: TriggerMatch, order: Or
     if candidates.unplaced and not candidates.items:
         labels = ", ".join(f"'{u.label()}'" for u in candidates.unplaced)
         for result in results:
-            result.gaps = [Gap(g.text + f" (the order's reason {labels} is not one the policy recognises)", g.label)
-                           for g in result.gaps]
+            result.gaps = [Gap(g.text + f" (the order's reason {labels} is not one the policy recognises)", g.label,
+                               g.kind, g.about) for g in result.gaps]
             result.indication = None
     chosen, more = _reconcile(results, candidates) if len(results) > 1 else (results[0], [])
     notes.extend(more)
@@ -207,7 +207,7 @@ def decide(policy_set: PolicySet, policy: Policy, match: TriggerMatch, order: Or
         notes.append(f"from the rest of the record the rules gave: {chosen.outcome.value}")
         chosen = _RuleResult(None, Outcome.CONDITIONAL, chosen.evidence, [Gap(
             f"confirmation of the drug ordered in {order.reference} ({match.how}): the decision depends on it",
-            "confirm the drug")], indication=chosen.indication, engine=DRUG_UNIDENTIFIED)
+            "confirm the drug", "drug")], indication=chosen.indication, engine=DRUG_UNIDENTIFIED)
     technical = record.technical_gaps(scope.consulted)
     # out of scope by a rule that reads only the order (a route that is not the policy's): no data mattered
     order_only = chosen.outcome is Outcome.OUT_OF_SCOPE and chosen.rule is not None and not chosen.rule.needs_indication
@@ -217,7 +217,8 @@ def decide(policy_set: PolicySet, policy: Policy, match: TriggerMatch, order: Or
         notes.append(f"from the data that could be read, the rules gave: {chosen.outcome.value} "
                      f"(rule {chosen.key[1]})")
         chosen = _RuleResult(None, Outcome.CONDITIONAL, chosen.evidence, [
-            Gap(f"{rtype} data could not be read ({why})") for rtype, why in sorted(technical.items())],
+            Gap(f"{rtype} data could not be read ({why})", None, "technical")
+            for rtype, why in sorted(technical.items())],
             indication=chosen.indication, engine=DATA_UNAVAILABLE)
     gaps = unique(chosen.gaps)
     clause, reason, summary = _wording(policy, chosen, gaps)
@@ -235,6 +236,7 @@ def decide(policy_set: PolicySet, policy: Policy, match: TriggerMatch, order: Or
         summary=summary.replace("{drug}", match.trigger.label),
         evidence=unique([order_evidence, *chosen.evidence]),
         missing=unique([g.text for g in gaps]),
+        gaps=gaps,
         notes=unique(notes),
         indication=decided_for.label() if decided_for else None,
         technical=technical,

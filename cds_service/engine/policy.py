@@ -23,7 +23,7 @@ from ..terminology import CodeSystems, Concept, TerminologyError, TextRules, Val
 from .context import ConditionStatuses, StatusRule
 from .criteria import ApprovalTable, Criterion, CriterionError, build_criterion, walk
 from .criteria.conditions import IndicationIn
-from .decision import Outcome
+from .decision import GAP_KINDS, Outcome
 from .indication import IndicationRules, Specificity
 from .orders import OrderFacts
 from .value_set_files import Expansions, ValueSetFileError, load_value_sets
@@ -110,6 +110,7 @@ class Rule:
     reasons: Mapping[Outcome, str]
     missing: tuple[str, ...]
     reasoning: str | None = None
+    gap_kind: str = "other"
 
     @property
     def needs_indication(self) -> bool:
@@ -328,7 +329,7 @@ def _rules(where: str, data: Any, lookup: _Lookup) -> list[Rule]:
     for i, spec in enumerate(data or []):
         place = f"{where}: rules[{i}]"
         spec = _keys(place, spec, {"id", "clause", "when", "outcome"},
-                     {"require", "if_not_met", "summary", "reason", "missing", "reasoning"})
+                     {"require", "if_not_met", "summary", "reason", "missing", "reasoning", "gap_kind"})
         rule_id = _text(f"{place}.id", spec["id"])
         if rule_id in seen_ids:
             raise PolicyError(f"{place}: duplicate rule id {rule_id!r}")
@@ -341,6 +342,9 @@ def _rules(where: str, data: Any, lookup: _Lookup) -> list[Rule]:
         missing = [_text(f"{place}.missing", m) for m in missing]
         if outcome is Outcome.CONDITIONAL and not missing and not spec.get("require"):
             raise PolicyError(f"{place}: a conditional outcome must say what is 'missing'")
+        gap_kind = str(spec.get("gap_kind", "other"))
+        if gap_kind not in GAP_KINDS:
+            raise PolicyError(f"{place}: gap_kind must be one of {sorted(GAP_KINDS)}")
         reasons = _by_outcome(f"{place}.reason", spec.get("reason"), outcome)
         if not reasons and outcome is not Outcome.OUT_OF_SCOPE:
             raise PolicyError(f"{place}: needs a 'reason'")
@@ -355,6 +359,7 @@ def _rules(where: str, data: Any, lookup: _Lookup) -> list[Rule]:
             reasons=reasons,
             missing=tuple(missing),
             reasoning=_text(f"{place}.reasoning", spec["reasoning"]) if "reasoning" in spec else None,
+            gap_kind=gap_kind,
         ))
     if not rules:
         raise PolicyError(f"{where}: no rules")

@@ -49,9 +49,10 @@ class Criterion:
     def _worded(self, result: Result) -> Result:
         if result.status is Status.UNKNOWN and (self.missing_text or self.gap_label):
             if self.missing_text:
-                gaps = [Gap(self.missing_text, self.gap_label)]
+                first = result.gaps[0] if result.gaps else Gap("")
+                gaps = [Gap(self.missing_text, self.gap_label or first.label, first.kind, first.about)]
             else:
-                gaps = [Gap(g.text, g.label or self.gap_label) for g in result.gaps]
+                gaps = [Gap(g.text, g.label or self.gap_label, g.kind, g.about) for g in result.gaps]
             return Result(result.status, result.evidence, gaps, result.notes, result.failure)
         if result.status is Status.NOT_MET and self.failure is not None:
             return Result(result.status, result.evidence, result.gaps, result.notes, self.failure)

@@ -8,7 +8,7 @@ from typing import Any
 
 from ...terminology import Concept, ValueSet
 from ..context import EvaluationContext
-from ..decision import Evidence, Result
+from ..decision import Evidence, Gap, Result
 from .base import Criterion, CriterionError, Lookup, check_keys, one_value_set, value_sets
 
 
@@ -24,7 +24,7 @@ class IndicationIn(Criterion):
     def _evaluate(self, ctx: EvaluationContext) -> Result:
         indication = ctx.indication
         if indication is None:
-            return Result.unknown("the indication for the order")
+            return Result.unknown(Gap("the indication for the order", None, "indication"))
         for vs in self.sets:
             found = vs.find(indication.concept)
             if found is not None:
@@ -73,11 +73,13 @@ class ConditionIn(Criterion):
                 if found.via_text:
                     ctx.scope.read_text(f"condition text '{counted.concept.label()}'")
                 return Result.met(Evidence(counted.reference, finding))
+        about = "+".join(vs.name for vs in self.sets)
         if questions:
-            return Result.unknown(f"confirmation of the diagnosis of {self.title} (it is recorded as "
-                                  f"{'provisional or differential'})", *questions)
+            return Result.unknown(Gap(f"confirmation of the diagnosis of {self.title} (it is recorded as provisional "
+                                      "or differential)", "confirm the diagnosis", "diagnosis-confirmation", about),
+                                  *questions)
         which = "a current diagnosis" if self.status == "current" else "a diagnosis"
-        return Result.unknown(f"{which} of {self.title}")
+        return Result.unknown(Gap(f"{which} of {self.title}", None, "diagnosis", about))
 
     def searches(self) -> Mapping[str, Sequence[ValueSet] | None]:
         return {"Condition": None}

@@ -13,7 +13,7 @@ from typing import Any
 
 from ...terminology import Concept, ValueSet
 from ..context import EvaluationContext, raw_reference, status_code
-from ..decision import Evidence, Result
+from ..decision import Evidence, Gap, Result
 from .base import Criterion, Lookup, check_keys, one_value_set, value_sets
 from .route import CODED, WRITTEN, RouteClue, find_route
 
@@ -104,4 +104,5 @@ class DrugFailure(Criterion):
                 detail = f" (reaction: {', '.join(reactions)})" if reactions else ""
                 return Result.met(Evidence(raw_reference(raw), f"allergy or intolerance to '{substances[0].label()}'"
                                                                f"{detail} [{found.how}]"))
-        return Result.unknown(f"a trial of {self.drug.title} that was ineffective or not tolerated", *seen)
+        return Result.unknown(Gap(f"a trial of {self.drug.title} that was ineffective or not tolerated", None,
+                                  "drug-failure", self.drug.name), *seen)

@@ -50,7 +50,7 @@ class ChronicPain(Criterion):
     def _evaluate(self, ctx: EvaluationContext) -> Result:
         indication = ctx.indication
         if indication is None:
-            return Result.unknown("the indication for the order")
+            return Result.unknown(Gap("the indication for the order", None, "indication"))
         concepts = [indication.concept, indication.full]
         for vs, verdict in ((self.chronic, True), (self.acute, False)):
             found = next((f for f in (vs.find(c) for c in concepts) if f), None)
@@ -82,7 +82,7 @@ class ChronicPain(Criterion):
                 return Result.met(Evidence(ref, f"recorded {recorded.date().isoformat()} and still current: present "
                                                 f"for at least {self.months} months"))
         return Result.unknown(Gap(f"how long the pain has lasted (its onset date; chronic means at least "
-                                  f"{self.months} months)", "document how long the pain has lasted"))
+                                  f"{self.months} months)", "document how long the pain has lasted", "pain-duration"))
 
 
 def _recorded(condition: Any) -> dt.datetime | None:
@@ -132,4 +132,5 @@ class PainSeverity(Criterion):
         latest = f" (the highest recent score is {max(s.on_ten for s in recent)} of 10)" if recent else ""
         return Result.unknown(Gap(f"documentation that the pain is severe and intractable: a pain score of at least "
                                   f"{self.threshold} of 10 within {self.months} months before the order, or a "
-                                  f"diagnosis or statement saying so{latest}", "document pain severity"))
+                                  f"diagnosis or statement saying so{latest}", "document pain severity",
+                                  "pain-severity"))

@@ -158,7 +158,7 @@ class PumpDrugApproved(Criterion):
         if not drugs:
             return Result.unknown(Gap(
                 "the drug the pump will deliver, ordered with its route: the policy covers a pump only for a drug "
-                f"FDA approved for that route and for {self.words}", "name the pump drug and its route"))
+                f"FDA approved for that route and for {self.words}", "name the pump drug and its route", "pump-drug"))
         evidence: list[Evidence] = []
         gaps: list[Gap] = []
         keys = {self._key(d) for d in drugs}
@@ -183,11 +183,12 @@ class PumpDrugApproved(Criterion):
             if named is None:
                 if drug.unresolved_reference and not drug.identified:
                     gaps.append(Gap(f"confirmation of the drug of {pump_drug.reference}: its Medication "
-                                    f"({drug.unresolved_reference}) could not be read", "confirm the pump drug"))
+                                    f"({drug.unresolved_reference}) could not be read", "confirm the pump drug",
+                                    "pump-drug"))
                 else:
                     gaps.append(Gap(f"confirmation of the pump drug '{pump_drug.label()}': it is not identified as "
                                     f"a drug FDA approved for the pump's route and for {self.words}",
-                                    "confirm the pump drug"))
+                                    "confirm the pump drug", "pump-drug"))
                 continue
             route = pump_drug.route
             for_indication = [a for a in approvals if self.indication in a.indications]
@@ -198,7 +199,7 @@ class PumpDrugApproved(Criterion):
                     # the drug points to another use than the one inferred from the problem list: ask, not deny
                     gaps.append(Gap(f"the indication for the pump: its drug {named.title} is approved for "
                                     f"{' and '.join(other)}, the problem list suggests {self.words}, and the order "
-                                    "states no reason", "state the pump's indication"))
+                                    "states no reason", "state the pump's indication", "indication"))
                     continue
                 detail = (f"it is approved for {' and '.join(other)} only" if other
                           else "it is not FDA approved for an implanted pump")
@@ -207,7 +208,7 @@ class PumpDrugApproved(Criterion):
                                   f"{detail}", [pump_drug], f"{named.title} is not FDA approved for this pump use")
             if route is None or route.ambiguous:
                 gaps.append(Gap(f"the route of the pump drug {named.title} ({pump_drug.reference})",
-                                "state the pump drug's route"))
+                                "state the pump drug's route", "pump-drug"))
                 continue
             allowed = {vs.name for a in for_indication for vs in a.routes}
             if not route.names <= allowed:

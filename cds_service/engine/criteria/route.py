@@ -14,7 +14,7 @@ from typing import Any
 
 from ...terminology import Concept, ValueSet
 from ..context import EvaluationContext
-from ..decision import Evidence, Result
+from ..decision import Evidence, Gap, Result
 from .base import Criterion, Lookup, check_keys, one_value_set, value_sets
 
 CODED, WRITTEN, IMPLIED = 3, 2, 1
@@ -109,7 +109,7 @@ class OrderRouteIn(Criterion):
             return Result.not_met(Evidence(order.reference, f"route {labels} is not {self.route.title}"))
         finding = find_route([self.route, *self.others], order_route_clues(order))
         if finding is None or finding.ambiguous:
-            return Result.unknown("the route of administration")
+            return Result.unknown(Gap("the route of administration", "state the route", "route"))
         if finding.via_text:
             ctx.scope.read_text(f"route from text: {finding.how}")
         if self.route.name in finding.names:

@@ -133,18 +133,18 @@ class TemporaryTrial(Criterion):
     def _evaluate(self, ctx: EvaluationContext) -> Result:
         planned, evidence, drug_known = self._planned(ctx)
         route_gap = [Gap("the route of the planned pump therapy (order the pump drug with its route)",
-                         "state the planned route")] if drug_known and not planned else []
+                         "state the planned route", "pump-drug")] if drug_known and not planned else []
         trials = self._trials(ctx)
         titles = [self._title(n) for n in sorted(planned)] if planned else [vs.title for vs in self.routes]
         routes_words = " or ".join([", ".join(titles[:-1]), titles[-1]] if len(titles) > 2 else titles)
         percent = f"{self.threshold * 100:.0f}%"
         same = f"by the same route as the planned pump ({routes_words})" if planned else f"by the {routes_words} route"
         wanted = Gap(f"a documented temporary trial {same}, with pain scores before and after it showing more than "
-                     f"{percent} reduction", "document a successful temporary trial")
+                     f"{percent} reduction", "document a successful temporary trial", "trial")
         if len(planned) > 1:
             return Result(Status.UNKNOWN, evidence, [Gap("a single planned route for the pump (the orders name "
                                                          f"{' and '.join(sorted(self._title(n) for n in planned))})",
-                                                         "state the planned route")])
+                                                         "state the planned route", "pump-drug")])
         if not trials:
             return Result(Status.UNKNOWN, evidence, [wanted, *route_gap])
         scores = pain_scores(ctx, self.pain_scores)
@@ -158,7 +158,7 @@ class TemporaryTrial(Criterion):
                 notes.append(f"the route of {trial.reference} ({trial.label}) is not shown: {why}")
                 evidence.append(Evidence(trial.reference, f"trial '{trial.label}': route not shown ({why})"))
                 gaps.append(Gap(f"the route of the temporary trial {trial.reference} ({why})",
-                                "document the trial's route"))
+                                "document the trial's route", "trial"))
                 statuses.append(Status.UNKNOWN)
                 continue
             if planned and not route.names <= planned:
@@ -172,7 +172,7 @@ class TemporaryTrial(Criterion):
             evidence.extend(supporting)
             if status is Status.UNKNOWN:
                 gaps.append(Gap(f"pain scores on the same scale before and after the temporary trial {trial.reference} "
-                                f"({finding})", "document pain scores before and after the trial"))
+                                f"({finding})", "document pain scores before and after the trial", "trial"))
             statuses.append(status)
         if not planned and Status.MET in statuses:
             return Result(Status.UNKNOWN, evidence, route_gap, notes)
