@@ -9,6 +9,9 @@ from typing import Any
 
 from ..fhir.bundles import resources_in
 
+#: at most this many draft orders (Bundle entries) per request; more is refused with 422 (too-costly)
+MAX_ORDERS = 100
+
 
 class RequestError(ValueError):
     """The request is malformed or of the wrong shape; ``status`` is the HTTP status to answer."""
@@ -48,6 +51,8 @@ class HookRequest:
     fhir: FhirAccess | None
     configuration: Mapping[str, Any] = field(default_factory=dict)
     context: Mapping[str, Any] = field(default_factory=dict)
+    #: how the request was read liberally (for the decision trace)
+    notes: list[str] = field(default_factory=list)
 
 
 def _text(data: Mapping[str, Any], key: str, where: str, required: bool = True) -> str | None:
@@ -81,20 +86,33 @@ def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:
     user_id = _text(context, "userId", "context.")
     encounter_id = _text(context, "encounterId", "context.", required=False)
     assert patient_id is not None and user_id is not None
+    notes: list[str] = []
     draft = context.get("draftOrders")
     if not isinstance(draft, Mapping) or draft.get("resourceType") != "Bundle":
         raise RequestError("context.draftOrders is required and must be a FHIR Bundle")
     entries = draft.get("entry", [])
-    if entries is not None and not isinstance(entries, list):
+    if isinstance(entries, Mapping):
+        notes.append("context.draftOrders.entry was sent as a single object; read as a one-element list")
+        draft = {**draft, "entry": [entries]}
+    elif entries is not None and not isinstance(entries, list):
         raise RequestError("context.draftOrders.entry must be an array")
+    elif entries and len(entries) > MAX_ORDERS:
+        raise RequestError(f"context.draftOrders has {len(entries)} entries; this service decides at most "
+                           f"{MAX_ORDERS} draft orders per request", status=422, code="too-costly")
     draft_orders = list(resources_in(draft))
     selections: list[str] | None = None
     if hook == "order-select":
         raw_selections = context.get("selections")
+        if isinstance(raw_selections, str):
+            notes.append("context.selections was sent as a string; read as a one-element list")
+            raw_selections = [raw_selections]
         if not isinstance(raw_selections, list) or not raw_selections or not all(
             isinstance(s, str) and s for s in raw_selections
         ):
             raise RequestError("context.selections is required for order-select: a non-empty array of references")
+        if len(raw_selections) > MAX_ORDERS:
+            raise RequestError(f"context.selections has {len(raw_selections)} references; this service decides "
+                               f"at most {MAX_ORDERS} orders per request", status=422, code="too-costly")
         selections = list(raw_selections)
     prefetch = body.get("prefetch")
     if prefetch is None:
@@ -129,6 +147,7 @@ def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:
         fhir=FhirAccess(fhir_server, access_token) if fhir_server else None,
         configuration=configuration,
         context=context,
+        notes=notes,
     )
 
 

@@ -11,8 +11,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-from fhir.resources.R4B import get_fhir_model_class
-from pydantic import ValidationError
 
 from ..engine.decision import Decision
 from ..engine.evaluate import decide
@@ -21,16 +19,22 @@ from ..engine.policy import Policy, PolicySet, Trigger
 from ..engine.requirements import data_needs, prefetch_templates
 from ..fhir.client import FhirClient, fhir_server_problem
 from ..fhir.gather import DataNeed, gather_record
-from ..fhir.record import PatientRecord, validation_summary
+from ..fhir.record import PatientRecord
 from .cards import CardRenderer
-from .coverage_info import annotated_order, coverage_information, new_assertion_id
+from .coverage_info import UNKNOWN_COVERAGE, annotated_order, coverage_information, new_assertion_id
+from .reading import as_r4_lists, check_order, unreadable_decision
 from .request import HookRequest, RequestError, parse_hook_request
 
 SERVICES = {
     "coverage-requirements-order-select": "order-select",
     "coverage-requirements-order-sign": "order-sign",
 }
+#: hooks whose answer always carries ``systemActions`` (CRD: the Coverage Information response type)
+_PRIMARY_HOOKS = {"order-sign"}
 _BILLING_SYSTEMS = {"cpt", "hcpcs"}
+#: CRD 2.0.1 card type of every card this service returns (CodeSystem temp, ``_cardType``)
+CARD_TOPIC = {"system": "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp", "code": "coverage-info",
+              "display": "Coverage Information"}
 
 
 @dataclass(frozen=True)
@@ -58,6 +62,16 @@ class InScope:
     trigger: Trigger
     how: str
     order: OrderFacts
+
+
+@dataclass
+class Scope:
+    """The draft orders as read (single objects read as lists), the orders in scope of a policy, and
+    what the reading noted per order reference."""
+
+    items: list[InScope]
+    facts: list[OrderFacts]
+    notes: dict[str, list[str]]
 
 
 class CoverageService:
@@ -102,8 +116,9 @@ class CoverageService:
                             "code": "coverage-info",
                             "type": "boolean",
                             "name": "Coverage information cards",
-                            "description": "Return a coverage-information card for each order in scope "
-                                           "(the coverage-information systemActions are always returned).",
+                            "description": "Return the coverage cards (External Reference, Instructions) for "
+                                           "each order in scope (the coverage-information systemActions are "
+                                           "always returned).",
                             "default": True,
                         }
                     ]
@@ -122,32 +137,44 @@ class CoverageService:
             raise RequestError(f"no service {service_id!r}", status=404, code="not-found")
         return parse_hook_request(body, hook)
 
-    def in_scope(self, request: HookRequest) -> tuple[list[InScope], list[OrderFacts]]:
+    def in_scope(self, request: HookRequest) -> Scope:
         systems = self.policies.systems
-        bundle = request.draft_orders
+        bundle: list[Mapping[str, Any]] = []
+        notes: dict[str, list[str]] = {}
+        for resource in request.draft_orders:
+            read, found = as_r4_lists(resource)
+            bundle.append(read)
+            if found:
+                notes[_reference(read)] = found
         facts = [order_facts(systems, r, bundle) for r in bundle if r.get("resourceType") in ORDER_TYPES]
         selected = facts
         if request.selections is not None:
-            selected = [f for f in facts if any(f.matches_reference(s) for s in request.selections)]
-        found = []
+            chosen = {_type_and_id(s) for s in request.selections}
+            selected = [f for f in facts if f.id and f.reference in chosen]
+        found_items = []
         for order in selected:
             for policy in self.policies.policies:
                 match = policy.trigger_for(order, facts)
                 if match is not None:
-                    found.append(InScope(policy, match[0], match[1], order))
-        return found, facts
+                    found_items.append(InScope(policy, match[0], match[1], order))
+        return Scope(found_items, facts, notes)
 
-    @staticmethod
-    def validate_orders(scope: Sequence[InScope]) -> None:
-        for item in scope:
-            model = get_fhir_model_class(item.order.resource_type)
-            try:
-                model.model_validate(item.order.raw)
-            except ValidationError as error:
-                raise RequestError(
-                    f"draft order {item.order.reference} is not a valid FHIR R4 {item.order.resource_type}: "
-                    f"{validation_summary(error)}"
-                ) from None
+    def unreadable(self, scope: Scope) -> dict[str, list[str]]:
+        """Per in-scope order reference: faults on elements the decision reads (the order is decided
+        as unreadable). Faults on other elements are noted and otherwise ignored."""
+        systems = self.policies.systems
+        bundle = [f.raw for f in scope.facts]
+        out: dict[str, list[str]] = {}
+        for item in scope.items:
+            reference = item.order.reference
+            if reference in out:
+                continue
+            check = check_order(item.order.raw, lambda raw: order_facts(systems, raw, bundle))
+            out[reference] = check.unreadable
+            if check.ignored:
+                scope.notes.setdefault(reference, []).append(
+                    "not valid FHIR R4, and not read by the decision: " + "; ".join(check.ignored))
+        return out
 
     def needs_for(self, policies: Sequence[Policy]) -> list[DataNeed]:
         """What the in-scope policies read, merged per resource type (a type scoped by several policies'
@@ -181,71 +208,91 @@ class CoverageService:
                      fhir_server_allowlist: Sequence[str] | None = None) -> HookResult:
         """Answer one hook call. Raises RequestError (4xx) and DataUnavailable (412)."""
         request = self.parse(service_id, body)
-        scope, facts = self.in_scope(request)
-        result = HookResult(response={"cards": []}, request=request)
-        if not scope:
+        scope = self.in_scope(request)
+        result = HookResult(response=self._answer([], [], request.hook), request=request)
+        if not scope.items:
             return result
-        self.validate_orders(scope)
-        policies = list({item.policy.id: item.policy for item in scope}.values())
-        record = await self.record_for(request, policies, fhir_server_allowlist)
-        return self.respond(request, scope, facts, record, base_url, result)
+        unreadable = self.unreadable(scope)
+        readable = [item.policy for item in scope.items if not unreadable[item.order.reference]]
+        policies = list({policy.id: policy for policy in readable}.values())
+        record = await self.record_for(request, policies, fhir_server_allowlist) if policies else PatientRecord()
+        return self.respond(request, scope, unreadable, record, base_url, result)
 
-    def respond(self, request: HookRequest, scope: Sequence[InScope], facts: Sequence[OrderFacts],
+    def _answer(self, cards: list[dict[str, Any]], actions: list[dict[str, Any]],
+                hook: str | None = None) -> dict[str, Any]:
+        """CDS Hooks response: ``systemActions`` only when there are some, except on the hooks where CRD
+        requires the field (then possibly empty)."""
+        return {"cards": cards, **({"systemActions": actions} if actions or hook in _PRIMARY_HOOKS else {})}
+
+    def respond(self, request: HookRequest, scope: Scope, unreadable: Mapping[str, list[str]],
                 record: PatientRecord, base_url: str, result: HookResult) -> HookResult:
         advisory_only = request.hook == "order-select"
         show_cards = request.configuration.get("coverage-info", True) is not False
         today = self._today().isoformat()
-        coverage_ref = self._coverage_reference(record)
+        coverage = self._coverage_reference(record)
         cards: list[dict[str, Any]] = []
         actions: list[dict[str, Any]] = []
         annotated: dict[str, dict[str, Any]] = {}
-        for item in scope:
-            decision = decide(self.policies, item.policy, item.trigger, item.how, item.order, facts, record)
+        for item in scope.items:
+            reference = item.order.reference
+            if unreadable[reference]:
+                decision = unreadable_decision(item.policy.id, item.policy.title, reference, unreadable[reference])
+            else:
+                decision = decide(self.policies, item.policy, item.trigger, item.how, item.order, scope.facts,
+                                  record)
+            shown_notes = list(decision.notes)
+            decision.notes.extend([*request.notes, *scope.notes.get(reference, [])])
             result.decisions.append(decision)
             if not decision.decided:
                 continue
             assertion_id = new_assertion_id()
+            order_coverage = {"reference": item.order.insurance[0]} if item.order.insurance else coverage
             extension = coverage_information(
                 decision,
                 assertion_id=assertion_id,
                 date=today,
-                coverage_reference=item.order.insurance[0] if item.order.insurance else coverage_ref,
+                coverage=order_coverage,
                 billing_code=self._billing_code(item),
                 prior_authorization=item.policy.prior_authorization,
                 advisory_only=advisory_only,
             )
-            base = annotated.get(item.order.reference, dict(item.order.raw))
-            annotated[item.order.reference] = annotated_order(base, extension)
+            base = annotated.get(reference, dict(item.order.raw))
+            annotated[reference] = annotated_order(base, extension)
             if show_cards:
-                card = self.renderer.card(
+                for card in self.renderer.cards(
                     decision,
+                    trigger_label=item.trigger.label,
                     order_label=f"{item.trigger.label} ({item.order.code.label()})",
                     payer_name=self.settings.payer_name,
                     policy_url=self.policy_url(item.policy, base_url),
                     advisory_only=advisory_only,
-                )
-                cards.append(card)
-                result.card_decisions[card["uuid"]] = assertion_id
+                    topic=CARD_TOPIC,
+                    coverage_known=order_coverage is not UNKNOWN_COVERAGE,
+                    notes=shown_notes,
+                ):
+                    cards.append(card)
+                    result.card_decisions[card["uuid"]] = assertion_id
         for reference, resource in annotated.items():
             actions.append({
                 "type": "update",
                 "description": f"Add coverage information to {reference}",
                 "resource": resource,
             })
-        result.response = {"cards": cards, **({"systemActions": actions} if actions else {})}
+        result.response = self._answer(cards, actions, request.hook)
         return result
 
     def policy_url(self, policy: Policy, base_url: str) -> str:
         base = (self.settings.public_base_url or base_url).rstrip("/")
         return f"{base}/policies/{policy.id}"
 
-    def _coverage_reference(self, record: PatientRecord) -> str | None:
+    def _coverage_reference(self, record: PatientRecord) -> Mapping[str, Any]:
         """The patient's active Coverage, for the coverage-information extension (it is not evidence
-        for a decision, so it is read without validating the resource)."""
+        for a decision, so it is read without validating the resource); without one,
+        :data:`UNKNOWN_COVERAGE`."""
         for coverage in record.raw_of_type("Coverage"):
             if coverage.get("status") in (None, "active") and isinstance(coverage.get("id"), str):
-                return f"Coverage/{coverage['id']}"
-        return None
+                return {"reference": f"Coverage/{coverage['id']}"}
+        return UNKNOWN_COVERAGE
 
     def _billing_code(self, item: InScope) -> Mapping[str, str] | None:
         systems = self.policies.systems
@@ -256,3 +303,13 @@ class CoverageService:
                     billing["display"] = coding.display
                 return billing
         return None
+
+
+def _reference(resource: Mapping[str, Any]) -> str:
+    rid = resource.get("id")
+    return f"{resource.get('resourceType')}/{rid if isinstance(rid, str) else '(no id)'}"
+
+
+def _type_and_id(reference: str) -> str:
+    """"Type/id" of a reference, relative or absolute (the last two path segments)."""
+    return "/".join(reference.rstrip("/").split("/")[-2:])

@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from ..auth.jwt import AuthError, JwtAuthenticator, Principal
@@ -28,6 +28,7 @@ from ..config import Config
 from ..engine.policy import load_policies
 from ..fhir.gather import DataUnavailable
 from ..hooks.feedback import FeedbackError, parse_feedback
+from ..hooks.policy_page import CONTENT_SECURITY_POLICY, policy_page
 from ..hooks.request import RequestError, redact
 from ..hooks.service import CoverageService, HookResult, Settings
 from ..jsonutil import JSONDecodeError, dumps, loads
@@ -206,7 +207,9 @@ class CdsApp:
         policy = self.service.policies.get(request.path_params["policy_id"])
         if policy is None or policy.text_path is None:
             return operation_outcome(404, "no such policy", "not-found")
-        return PlainTextResponse(policy.text_path.read_text(encoding="utf-8"))
+        page = policy_page(policy.id, policy.title, policy.text_path)
+        return HTMLResponse(page, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY,
+                                           "X-Content-Type-Options": "nosniff"})
 
 
 def _text(data: Any, key: str) -> str | None:
