@@ -26,6 +26,8 @@ class ServiceSettings:
     max_body_bytes: int = 5 * 1024 * 1024
     policies_dir: str | None = None
     cards_dir: str | None = None
+    #: the payers this deployment handles ("system|value" or "value"); CRD 2.2 hook-13 (see README)
+    payer_identifiers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -131,6 +133,8 @@ def validate(config: Config) -> None:
             ("http://127.0.0.1", "http://localhost")
         ):
             raise ConfigError(f"auth.issuers {issuer.iss!r}: jwks_url must use https")
+    if any(not token.strip() or token.strip().endswith("|") for token in config.service.payer_identifiers):
+        raise ConfigError('service.payer_identifiers: each entry is "system|value" or "value"')
     if config.service.max_body_bytes <= 0:
         raise ConfigError("service.max_body_bytes must be positive")
     if not 0 < config.fhir.timeout_seconds <= 30:

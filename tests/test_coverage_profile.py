@@ -39,18 +39,26 @@ def assert_valid(result: HookResult, version: str = "2.0.1") -> list[dict[str, A
     return parts
 
 
+def in_version(body: dict[str, Any], version: str) -> dict[str, Any]:
+    if version == "2.2.1":
+        body["extension"] = {"davinci-crd.requestedVersion": "2.2"}
+    return body
+
+
+@pytest.mark.parametrize("version", ["2.0.1", "2.2.1"])
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
-def test_every_scenario_answer_is_valid(service: CoverageService, path: Path) -> None:
+def test_every_scenario_answer_is_valid(service: CoverageService, path: Path, version: str) -> None:
     scenario = load(path)
     if all(e["outcome"] == "out-of-scope" for e in scenario["expect"]):
         pytest.skip("no order in scope")
-    assert_valid(run(service, scenario_request(scenario)))
+    assert_valid(run(service, in_version(scenario_request(scenario), version)), version)
 
 
-def test_no_known_coverage_still_names_the_coverage_element(service: CoverageService) -> None:
-    body = scenario_request(TRIAL)
+@pytest.mark.parametrize("version", ["2.0.1", "2.2.1"])
+def test_no_known_coverage_still_names_the_coverage_element(service: CoverageService, version: str) -> None:
+    body = in_version(scenario_request(TRIAL), version)
     body["prefetch"]["coverage"] = None
-    for parts in assert_valid(run(service, body)):
+    for parts in assert_valid(run(service, body), version):
         assert parts["coverage"]["valueReference"]["type"] == "Coverage"
         assert "no Coverage" in parts["coverage"]["valueReference"]["display"]
 
@@ -76,10 +84,11 @@ def test_unreadable_data_is_valid_with_an_existing_reason_code(service: Coverage
     assert "could not be read" in parts["reason"]["valueCodeableConcept"]["text"]
 
 
-def test_unreadable_order_is_valid(service: CoverageService) -> None:
+@pytest.mark.parametrize("version", ["2.0.1", "2.2.1"])
+def test_unreadable_order_is_valid(service: CoverageService, version: str) -> None:
     scenario = copy.deepcopy(TRIAL)
     scenario["orders"][0]["reasonCode"] = [{"coding": [{"system": 42, "code": "G89.4"}]}]
-    [parts] = assert_valid(run(service, scenario_request(scenario)))
+    [parts] = assert_valid(run(service, in_version(scenario_request(scenario), version)), version)
     assert parts["covered"]["valueCode"] == "conditional" and parts["info-needed"]["valueCode"] == "OTH"
 
 

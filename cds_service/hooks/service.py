@@ -1,12 +1,12 @@
 """The coverage requirements service without its web layer: discovery, and answering a hook request
-with cards and coverage-information systemActions. The web layer and the offline ``evaluate``
-command both call this."""
+with cards and coverage-information systemActions, in the CRD version the request asks for. The web
+layer and the offline ``evaluate`` command both call this."""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,25 +16,55 @@ from ..engine.decision import Decision
 from ..engine.evaluate import decide
 from ..engine.orders import ORDER_TYPES, OrderFacts, order_facts
 from ..engine.policy import Policy, PolicySet, Trigger
-from ..engine.requirements import data_needs, prefetch_templates
+from ..engine.requirements import COVERAGE_NEED_KEY, data_needs, prefetch_templates
+from ..fhir.bundles import is_operation_outcome
 from ..fhir.client import FhirClient, fhir_server_problem
-from ..fhir.gather import DataNeed, gather_record
+from ..fhir.gather import ClientFactory, DataNeed, gather_record
 from ..fhir.record import PatientRecord
 from .cards import CardRenderer
 from .coverage_info import UNKNOWN_COVERAGE, annotated_order, coverage_information, new_assertion_id
+from .hook_orders import (
+    Decidable,
+    appointment_decidables,
+    based_on_service_requests,
+    reference_of,
+    resolve,
+    type_and_id,
+)
+from .payer import PayerIdentifier, payer_problem
 from .reading import as_r4_lists, check_order, unreadable_decision
 from .request import HookRequest, RequestError, parse_hook_request
+from .scopes import parse_scopes
+from .versions import declared
 
 SERVICES = {
     "coverage-requirements-order-select": "order-select",
     "coverage-requirements-order-sign": "order-sign",
+    "coverage-requirements-order-dispatch": "order-dispatch",
+    "coverage-requirements-appointment-book": "appointment-book",
 }
-#: hooks whose answer always carries ``systemActions`` (CRD: the Coverage Information response type)
-_PRIMARY_HOOKS = {"order-sign"}
+#: CRD "primary" hooks: the answer always carries ``systemActions`` (the Coverage Information response type)
+PRIMARY_HOOKS = frozenset({"order-sign", "order-dispatch", "appointment-book"})
 _BILLING_SYSTEMS = {"cpt", "hcpcs"}
-#: CRD 2.0.1 card type of every card this service returns (CodeSystem temp, ``_cardType``)
-CARD_TOPIC = {"system": "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp", "code": "coverage-info",
-              "display": "Coverage Information"}
+#: prefetch of the resources a hook names by reference (CDS Hooks 3.0 FHIRPath tokens, CRD 2.2 style)
+_REFERENCED_PREFETCH = {
+    "order-dispatch": {
+        name: f"{rtype}?_id={{{{context.dispatchedOrders.resolve().ofType({rtype}).id}}}}"
+        for name, rtype in (("serviceRequests", "ServiceRequest"), ("deviceRequests", "DeviceRequest"),
+                            ("medicationRequests", "MedicationRequest"))
+    },
+    "appointment-book": {
+        "serviceRequests": "ServiceRequest?_id={{context.appointments.entry.resource.ofType(Appointment)"
+                           ".basedOn.resolve().ofType(ServiceRequest).id}}",
+    },
+}
+_WHAT = {
+    "order-select": "draft orders (advisory only: no documentation requests on order-select)",
+    "order-sign": "draft orders",
+    "order-dispatch": "orders dispatched to a performer",
+    "appointment-book": "booked appointments (the ServiceRequest an appointment is based on, or the service it "
+                        "books)",
+}
 
 
 @dataclass(frozen=True)
@@ -44,6 +74,8 @@ class Settings:
     fhir_timeout_seconds: float = 3.0
     allow_http: bool = False
     contact_fhir_servers: bool = True
+    #: hook-13 (CRD 2.2 requests): the payers this deployment handles; empty: every Coverage is ours
+    payer_identifiers: tuple[PayerIdentifier, ...] = ()
 
 
 @dataclass
@@ -55,6 +87,11 @@ class HookResult:
     decisions: list[Decision] = field(default_factory=list)
     card_decisions: dict[str, str] = field(default_factory=dict)  # card uuid -> coverage-assertion-id
 
+    @property
+    def crd_version(self) -> str:
+        """The CRD version the answer follows (for the audit)."""
+        return self.request.version.label
+
 
 @dataclass(frozen=True)
 class InScope:
@@ -62,16 +99,26 @@ class InScope:
     trigger: Trigger
     how: str
     order: OrderFacts
+    #: what the coverage information is added to, when not the order itself
+    target: Mapping[str, Any] | None = None
 
 
 @dataclass
 class Scope:
-    """The draft orders as read (single objects read as lists), the orders in scope of a policy, and
-    what the reading noted per order reference."""
+    """The orders as read (single objects read as lists), the orders in scope of a policy, and what the
+    reading noted per order reference."""
 
     items: list[InScope]
     facts: list[OrderFacts]
     notes: dict[str, list[str]]
+
+
+@dataclass(frozen=True)
+class FhirAccessPlan:
+    """How the EHR's FHIR server may be read for one request: a client factory, or why not."""
+
+    factory: ClientFactory | None
+    problem: str | None
 
 
 class CoverageService:
@@ -82,6 +129,7 @@ class CoverageService:
         self.settings = settings
         self.renderer = CardRenderer(cards_dir)
         self.all_needs = data_needs(policies.policies, policies.systems)
+        self.coverage_needs = [n for n in self.all_needs if n.key == COVERAGE_NEED_KEY]
         self._needs: dict[tuple[str, ...], list[DataNeed]] = {}
         self._transport = transport
         self._today = today or (lambda: dt.datetime.now(dt.UTC).date())
@@ -93,35 +141,38 @@ class CoverageService:
         prefetch = prefetch_templates(self.all_needs)
         services = []
         for service_id, hook in SERVICES.items():
-            advisory = hook == "order-select"
             services.append({
                 "hook": hook,
                 "id": service_id,
                 "title": f"{self.settings.payer_name} coverage requirements ({hook})",
                 "description": (
-                    f"Coverage information for draft orders under medical policies {titles}: an advisory card "
-                    "and a Da Vinci CRD coverage-information systemAction per order in scope"
-                    + (" (advisory only: no documentation requests on order-select)." if advisory else ".")
+                    f"Coverage information for {_WHAT[hook]} under medical policies {titles}: a Da Vinci CRD "
+                    "coverage-information systemAction per order in scope, an External Reference card with "
+                    "the policy, and an Instructions card when something must be done or documented."
                 ),
-                "prefetch": prefetch,
+                "prefetch": {**_REFERENCED_PREFETCH.get(hook, {}), **prefetch},
                 "usageRequirements": (
                     "Send the prefetch keys advertised here, or fhirServer with fhirAuthorization granting "
-                    "patient-scoped read of Condition, Observation, Procedure, MedicationStatement, "
-                    "MedicationAdministration, AllergyIntolerance and Coverage. Without either, a request "
-                    "with an order in scope is answered with HTTP 412."
+                    "patient-scoped search of Condition, Observation, Procedure, MedicationStatement, "
+                    "MedicationAdministration, AllergyIntolerance and Coverage (SMART v1 '.read' or v2 '.rs' "
+                    "scopes). Without either, a request with an order in scope is answered with HTTP 412. "
+                    "CRD 2.2 answers need extension.davinci-crd.requestedVersion = \"2.2\"; without it the "
+                    "answer follows CRD 2.0.1."
                 ),
                 "extension": {
+                    "davinci-crd.version": declared(),
                     "davinci-crd.configuration-options": [
                         {
                             "code": "coverage-info",
                             "type": "boolean",
-                            "name": "Coverage information cards",
-                            "description": "Return the coverage cards (External Reference, Instructions) for "
-                                           "each order in scope (the coverage-information systemActions are "
+                            "name": "Coverage information",
+                            "description": "Return the coverage cards (External Reference, Instructions) and, "
+                                           "for CRD 2.2 requests, the coverage-information systemActions for "
+                                           "each order in scope (for CRD 2.0 requests the systemActions are "
                                            "always returned).",
                             "default": True,
                         }
-                    ]
+                    ],
                 },
             })
         return {"services": services}
@@ -137,26 +188,61 @@ class CoverageService:
             raise RequestError(f"no service {service_id!r}", status=404, code="not-found")
         return parse_hook_request(body, hook)
 
-    def in_scope(self, request: HookRequest) -> Scope:
+    def fhir_access(self, request: HookRequest, fhir_server_allowlist: Sequence[str] | None) -> FhirAccessPlan:
+        if not self.settings.contact_fhir_servers:
+            return FhirAccessPlan(None, "offline evaluation does not contact FHIR servers")
+        if request.fhir is None or not request.fhir.access_token:
+            return FhirAccessPlan(None, "the request has no fhirServer and fhirAuthorization")
+        problem = fhir_server_problem(request.fhir.server, self.settings.allow_http, fhir_server_allowlist)
+        if problem is not None:
+            return FhirAccessPlan(None, problem)
+        access = request.fhir
+
+        def factory() -> FhirClient:
+            return FhirClient(access.server, access.access_token, self.settings.fhir_timeout_seconds,
+                              transport=self._transport)
+
+        return FhirAccessPlan(factory, None)
+
+    async def decidables(self, request: HookRequest, access: FhirAccessPlan) -> list[Decidable]:
+        """The resources the policies decide for this hook (see hook_orders)."""
+        scopes = parse_scopes(request.fhir.scope if request.fhir else None)
+        if request.dispatched is not None:
+            request.draft_orders = await resolve(request.dispatched, request.prefetch, access.factory,
+                                                 access.problem, scopes)
+            return [Decidable(r) for r in request.draft_orders]
+        if request.hook == "appointment-book":
+            refs = [r for a in request.draft_orders if a.get("resourceType") == "Appointment"
+                    for r in based_on_service_requests(a)]
+            found = await resolve(refs, request.prefetch, access.factory, access.problem, scopes) if refs else []
+            by_ref = {reference_of(r): r for r in found}
+            return appointment_decidables(request.draft_orders, by_ref, request.patient_id)
+        return [Decidable(r) for r in request.draft_orders]
+
+    def in_scope(self, request: HookRequest, decidables: Sequence[Decidable] | None = None) -> Scope:
         systems = self.policies.systems
+        items = [Decidable(r) for r in request.draft_orders] if decidables is None else decidables
         bundle: list[Mapping[str, Any]] = []
+        targets: dict[str, Mapping[str, Any]] = {}
         notes: dict[str, list[str]] = {}
-        for resource in request.draft_orders:
-            read, found = as_r4_lists(resource)
+        for item in items:
+            read, found = as_r4_lists(item.resource)
             bundle.append(read)
             if found:
-                notes[_reference(read)] = found
+                notes[reference_of(read)] = found
+            if item.target is not None:
+                targets[reference_of(read)] = item.target
         facts = [order_facts(systems, r, bundle) for r in bundle if r.get("resourceType") in ORDER_TYPES]
         selected = facts
         if request.selections is not None:
-            chosen = {_type_and_id(s) for s in request.selections}
+            chosen = {type_and_id(s) for s in request.selections}
             selected = [f for f in facts if f.id and f.reference in chosen]
         found_items = []
         for order in selected:
             for policy in self.policies.policies:
                 match = policy.trigger_for(order, facts)
                 if match is not None:
-                    found_items.append(InScope(policy, match[0], match[1], order))
+                    found_items.append(InScope(policy, match[0], match[1], order, targets.get(order.reference)))
         return Scope(found_items, facts, notes)
 
     def unreadable(self, scope: Scope) -> dict[str, list[str]]:
@@ -186,100 +272,130 @@ class CoverageService:
 
     async def record_for(self, request: HookRequest, policies: Sequence[Policy],
                          fhir_server_allowlist: Sequence[str] | None) -> PatientRecord:
-        needs = self.needs_for(policies)
-        factory = None
-        problem = None
-        if not self.settings.contact_fhir_servers:
-            problem = "offline evaluation does not contact FHIR servers"
-        elif request.fhir is None or not request.fhir.access_token:
-            problem = "the request has no fhirServer and fhirAuthorization"
-        else:
-            problem = fhir_server_problem(request.fhir.server, self.settings.allow_http, fhir_server_allowlist)
-        if problem is None and request.fhir is not None:
-            access = request.fhir
+        """The record the given policies read."""
+        return await self.gather(request, self.needs_for(policies), self.fhir_access(request, fhir_server_allowlist))
 
-            def factory() -> FhirClient:
-                return FhirClient(access.server, access.access_token, self.settings.fhir_timeout_seconds,
-                                  transport=self._transport)
+    async def gather(self, request: HookRequest, needs: Sequence[DataNeed], access: FhirAccessPlan) -> PatientRecord:
+        """The record for ``needs``; a search the token's scope does not grant is not made (the data is
+        then unavailable, saying why)."""
+        scopes = parse_scopes(request.fhir.scope if request.fhir else None)
+        denied = [n for n in needs if access.factory is not None and not scopes.allows_search(n.resource_type)
+                  and (n.key not in request.prefetch or is_operation_outcome(request.prefetch[n.key]))]
+        record = await gather_record([n for n in needs if n not in denied], request.prefetch, request.patient_id,
+                                     access.factory, access.problem)
+        for need in denied:
+            record.mark_unavailable(need.resource_type, "the access token's scope does not allow reading it")
+        return record
 
-        return await gather_record(needs, request.prefetch, request.patient_id, factory, problem)
+    def check_payer(self, request: HookRequest, record: PatientRecord) -> None:
+        """hook-13 (CRD 2.2, payer identifiers configured): 400 unless the primary Coverage is ours."""
+        if not request.version.checks_payer or not self.settings.payer_identifiers:
+            return
+        if "Coverage" in record.unavailable and request.fhir is not None and request.fhir.access_token:
+            request.notes.append("the patient's Coverage could not be read, so whose member this is was not "
+                                 f"checked ({record.unavailable['Coverage']})")
+            return
+        problem = payer_problem(record.raw_of_type("Coverage"), self.settings.payer_identifiers)
+        if problem is not None:
+            raise RequestError(f"not a member of a payer this service handles: {problem}")
 
     async def handle(self, service_id: str, body: Any, base_url: str,
                      fhir_server_allowlist: Sequence[str] | None = None) -> HookResult:
         """Answer one hook call. Raises RequestError (4xx) and DataUnavailable (412)."""
         request = self.parse(service_id, body)
-        scope = self.in_scope(request)
+        access = self.fhir_access(request, fhir_server_allowlist)
+        scope = self.in_scope(request, await self.decidables(request, access))
         result = HookResult(response=self._answer([], [], request.hook), request=request)
-        if not scope.items:
-            return result
-        unreadable = self.unreadable(scope)
+        unreadable = self.unreadable(scope) if scope.items else {}
         readable = [item.policy for item in scope.items if not unreadable[item.order.reference]]
         policies = list({policy.id: policy for policy in readable}.values())
-        record = await self.record_for(request, policies, fhir_server_allowlist) if policies else PatientRecord()
-        return self.respond(request, scope, unreadable, record, base_url, result)
+        record = None
+        if policies:
+            record = await self.gather(request, self.needs_for(policies), access)
+        if request.version.checks_payer and self.settings.payer_identifiers:
+            if record is None:
+                record = await self.gather(request, self.coverage_needs, access)
+            self.check_payer(request, record)
+        if not scope.items:
+            return result
+        return self.respond(request, scope, unreadable, record or PatientRecord(), base_url, result)
 
-    def _answer(self, cards: list[dict[str, Any]], actions: list[dict[str, Any]],
-                hook: str | None = None) -> dict[str, Any]:
-        """CDS Hooks response: ``systemActions`` only when there are some, except on the hooks where CRD
-        requires the field (then possibly empty)."""
-        return {"cards": cards, **({"systemActions": actions} if actions or hook in _PRIMARY_HOOKS else {})}
+    @staticmethod
+    def _answer(cards: list[dict[str, Any]], actions: list[dict[str, Any]], hook: str) -> dict[str, Any]:
+        """CDS Hooks response: ``systemActions`` only when there are some, except on the primary hooks,
+        where CRD requires the field (then possibly empty)."""
+        return {"cards": cards, **({"systemActions": actions} if actions or hook in PRIMARY_HOOKS else {})}
 
     def respond(self, request: HookRequest, scope: Scope, unreadable: Mapping[str, list[str]],
                 record: PatientRecord, base_url: str, result: HookResult) -> HookResult:
+        version = request.version
         advisory_only = request.hook == "order-select"
-        show_cards = request.configuration.get("coverage-info", True) is not False
+        wanted = request.configuration.get("coverage-info", True) is not False
         today = self._today().isoformat()
         coverage = self._coverage_reference(record)
         cards: list[dict[str, Any]] = []
-        actions: list[dict[str, Any]] = []
         annotated: dict[str, dict[str, Any]] = {}
         for item in scope.items:
-            reference = item.order.reference
-            if unreadable[reference]:
-                decision = unreadable_decision(item.policy.id, item.policy.title, reference, unreadable[reference])
-            else:
-                decision = decide(self.policies, item.policy, item.trigger, item.how, item.order, scope.facts,
-                                  record)
+            decision = self._decide(item, scope, unreadable, record)
             shown_notes = list(decision.notes)
-            decision.notes.extend([*request.notes, *scope.notes.get(reference, [])])
+            decision.notes.extend([*request.notes, *scope.notes.get(item.order.reference, [])])
             result.decisions.append(decision)
             if not decision.decided:
                 continue
             assertion_id = new_assertion_id()
             order_coverage = {"reference": item.order.insurance[0]} if item.order.insurance else coverage
+            policy_url = self.policy_url(item.policy, base_url)
             extension = coverage_information(
                 decision,
+                version=version,
                 assertion_id=assertion_id,
                 date=today,
                 coverage=order_coverage,
                 billing_code=self._billing_code(item),
                 prior_authorization=item.policy.prior_authorization,
                 advisory_only=advisory_only,
+                policy_url=policy_url,
             )
-            base = annotated.get(reference, dict(item.order.raw))
-            annotated[reference] = annotated_order(base, extension)
-            if show_cards:
+            target = item.target if item.target is not None else item.order.raw
+            reference = decision.order_reference
+            annotated[reference] = annotated_order(annotated.get(reference, dict(target)), extension)
+            if wanted:
                 for card in self.renderer.cards(
                     decision,
                     trigger_label=item.trigger.label,
                     order_label=f"{item.trigger.label} ({item.order.code.label()})",
                     payer_name=self.settings.payer_name,
-                    policy_url=self.policy_url(item.policy, base_url),
+                    policy_url=policy_url,
                     advisory_only=advisory_only,
-                    topic=CARD_TOPIC,
+                    topic=version.card_topic,
                     coverage_known=order_coverage is not UNKNOWN_COVERAGE,
                     notes=shown_notes,
                 ):
                     cards.append(card)
                     result.card_decisions[card["uuid"]] = assertion_id
-        for reference, resource in annotated.items():
-            actions.append({
-                "type": "update",
-                "description": f"Add coverage information to {reference}",
-                "resource": resource,
-            })
+        actions = []
+        if wanted or not version.configuration_covers_system_actions:
+            actions = [{"type": "update", "description": f"Add coverage information to {reference}",
+                        "resource": resource} for reference, resource in annotated.items()]
         result.response = self._answer(cards, actions, request.hook)
         return result
+
+    def _decide(self, item: InScope, scope: Scope, unreadable: Mapping[str, list[str]],
+                record: PatientRecord) -> Decision:
+        """One policy's decision on one order; for a resource decided through another's view (an
+        Appointment booking a service), the decision names the resource the EHR sent."""
+        reference = item.order.reference
+        if unreadable[reference]:
+            decision = unreadable_decision(item.policy.id, item.policy.title, reference, unreadable[reference])
+        else:
+            decision = decide(self.policies, item.policy, item.trigger, item.how, item.order, scope.facts, record)
+        if item.target is not None:
+            target = reference_of(item.target)
+            decision.order_reference = target
+            decision.evidence = [replace(e, reference=target) if e.reference == reference else e
+                                 for e in decision.evidence]
+            decision.notes.append(f"{target} books the service decided here (read as {reference})")
+        return decision
 
     def policy_url(self, policy: Policy, base_url: str) -> str:
         base = (self.settings.public_base_url or base_url).rstrip("/")
@@ -303,13 +419,3 @@ class CoverageService:
                     billing["display"] = coding.display
                 return billing
         return None
-
-
-def _reference(resource: Mapping[str, Any]) -> str:
-    rid = resource.get("id")
-    return f"{resource.get('resourceType')}/{rid if isinstance(rid, str) else '(no id)'}"
-
-
-def _type_and_id(reference: str) -> str:
-    """"Type/id" of a reference, relative or absolute (the last two path segments)."""
-    return "/".join(reference.rstrip("/").split("/")[-2:])

@@ -28,6 +28,7 @@ from ..config import Config
 from ..engine.policy import load_policies
 from ..fhir.gather import DataUnavailable
 from ..hooks.feedback import FeedbackError, parse_feedback
+from ..hooks.payer import PayerIdentifier
 from ..hooks.policy_page import CONTENT_SECURITY_POLICY, policy_page
 from ..hooks.request import RequestError, redact
 from ..hooks.service import CoverageService, HookResult, Settings
@@ -246,6 +247,7 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
             public_base_url=config.service.public_base_url,
             fhir_timeout_seconds=config.fhir.timeout_seconds,
             allow_http=config.fhir.allow_http,
+            payer_identifiers=tuple(PayerIdentifier.parse(t) for t in config.service.payer_identifiers),
         ),
         transport=fhir_transport,
     )
