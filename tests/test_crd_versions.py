@@ -1,5 +1,5 @@
 """CRD 2.2.1 beside 2.0.1: negotiation, the 2.2.1 coverage-information and cards, configuration and
-unknown elements, whose member this is (hook-13), SMART v2 scopes."""
+unknown elements, whose member this is (hook-13), SMART v2 scopes, and which version the audit records."""
 
 from __future__ import annotations
 
@@ -17,7 +17,10 @@ from cds_service.hooks.request import RequestError
 from cds_service.hooks.scopes import parse_scopes
 from cds_service.hooks.service import CoverageService, HookResult, Settings
 from cds_service.paths import data_dir
+from cds_service.storage.store import AuditRecord
+from cds_service.web.app import create_app
 
+from .conftest import make_config
 from .crd_profile import coverage_extensions, coverage_information_errors
 from .support import FIXTURES, SERVICE_FOR_HOOK, load, scenario_request
 
@@ -218,3 +221,21 @@ def test_a_search_the_scope_does_not_grant_is_not_made(service: CoverageService)
             200, json={"resourceType": "Bundle", "type": "searchset", "entry": []}))
         run(service, body)
     assert route.called
+
+
+# --- audit ----------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("version", "label"), [(None, "2.0.1"), ("2.2", "2.2.1")])
+def test_audit_record_says_which_version_answered(sqlite_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                  version: str | None, label: str) -> None:
+    records: list[AuditRecord] = []
+    with TestClient(create_app(make_config(sqlite_url))) as client:
+        store = client.app.state.cds.store  # type: ignore[attr-defined]
+
+        def capture(record: AuditRecord) -> bool:
+            records.append(record)
+            return True
+
+        monkeypatch.setattr(store, "submit_audit", capture)
+        assert client.post(SIGN, json=asking(version)).status_code == 200
+    assert [r.crd_version for r in records] == [label]

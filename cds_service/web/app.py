@@ -179,6 +179,7 @@ class CdsApp:
             response=bytes(response.body) if response.body else None,
             request=request_json,
             cards=cards,
+            crd_version=result.crd_version if result is not None else None,
         )
         if not self.store.submit_audit(record):
             await asyncio.to_thread(self.store.write_audit, [record])
