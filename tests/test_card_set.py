@@ -133,3 +133,11 @@ def test_unreadable_data_says_what_and_to_ask_again(service: CoverageService) ->
     assert instructions["summary"].startswith("Ask again when the EHR's data can be read")
     assert "Observation data could not be read" in instructions["detail"].replace("\\", "")
     assert "Nothing needs to be documented" in instructions["detail"]
+
+
+def test_facts_read_from_free_text_are_said_on_the_card(service: CoverageService) -> None:
+    scenario = load(FIXTURES / "scenarios/mp446-route-only-in-dosage-text.json")
+    result = run(service, scenario_request(scenario))
+    decision = next(d for d in result.decisions if d.text_read)
+    card = for_order(result.response["cards"], decision.order_reference)[0]
+    assert "Read from free text, not codes" in card["detail"]

@@ -67,7 +67,7 @@ def test_single_objects_are_read_as_lists_and_noted(service: CoverageService, ho
 def test_faults_in_elements_no_decision_reads_are_noted_not_fatal(service: CoverageService) -> None:
     def broken(order: dict[str, Any]) -> None:
         order["status"] = 12
-        order["note"] = "not an Annotation list"
+        order["groupIdentifier"] = "not an Identifier"
         order["dosageInstruction"][0]["timing"] = {"repeat": "daily"}
         order["madeUpElement"] = True
 

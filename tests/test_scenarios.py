@@ -25,7 +25,8 @@ def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 def test_scenario_fixtures_are_valid_fhir(path: Path) -> None:
     scenario = load(path)
-    for resource in [*scenario["orders"], *scenario["record"]]:
+    extra = [e["resource"] for e in scenario.get("draft_extra", [])]
+    for resource in [*scenario["orders"], *scenario["record"], *extra]:
         get_fhir_model_class(resource["resourceType"]).model_validate(resource)
 
 
@@ -49,7 +50,11 @@ def test_scenario(path: Path, service: CoverageService) -> None:
         if "missing_contains" in expected:
             assert any(expected["missing_contains"] in m for m in decision.missing), decision.missing
         if "reason_contains" in expected:
-            assert expected["reason_contains"] in decision.reason
+            assert expected["reason_contains"] in decision.reason, decision.reason
+        if "missing_count" in expected:
+            assert len(decision.missing) == expected["missing_count"], decision.missing
+        if "text_read" in expected:
+            assert bool(decision.text_read) is expected["text_read"], decision.text_read
         if expected["outcome"] != "out-of-scope":
             decided.append((expected, decision))
     # per decided order: one External Reference card (the summary, with the policy link), an Instructions

@@ -14,13 +14,14 @@ import httpx
 
 from ..engine.decision import Decision
 from ..engine.evaluate import decide
-from ..engine.orders import ORDER_TYPES, OrderFacts, order_facts
-from ..engine.policy import Policy, PolicySet, Trigger
+from ..engine.orders import ORDER_TYPES, Medications, OrderFacts, medications_from, order_facts
+from ..engine.policy import Policy, PolicySet, TriggerMatch
 from ..engine.requirements import COVERAGE_NEED_KEY, data_needs, prefetch_templates
 from ..fhir.bundles import is_operation_outcome
-from ..fhir.client import FhirClient, fhir_server_problem
+from ..fhir.client import FhirClient, ReadLimits
 from ..fhir.gather import ClientFactory, DataNeed, gather_record
 from ..fhir.record import PatientRecord
+from ..urls import Allowlist, fhir_server_problem
 from .cards import CardRenderer
 from .coverage_info import UNKNOWN_COVERAGE, annotated_order, coverage_information, new_assertion_id
 from .hook_orders import (
@@ -74,6 +75,7 @@ class Settings:
     fhir_timeout_seconds: float = 3.0
     allow_http: bool = False
     contact_fhir_servers: bool = True
+    fhir_limits: ReadLimits = field(default_factory=ReadLimits)
     #: hook-13 (CRD 2.2 requests): the payers this deployment handles; empty: every Coverage is ours
     payer_identifiers: tuple[PayerIdentifier, ...] = ()
 
@@ -96,8 +98,7 @@ class HookResult:
 @dataclass(frozen=True)
 class InScope:
     policy: Policy
-    trigger: Trigger
-    how: str
+    match: TriggerMatch
     order: OrderFacts
     #: what the coverage information is added to, when not the order itself
     target: Mapping[str, Any] | None = None
@@ -111,6 +112,8 @@ class Scope:
     items: list[InScope]
     facts: list[OrderFacts]
     notes: dict[str, list[str]]
+    #: Medication resources an order may reference (the request's bundle and prefetch)
+    medications: Medications = field(default_factory=Medications)
 
 
 @dataclass(frozen=True)
@@ -188,7 +191,7 @@ class CoverageService:
             raise RequestError(f"no service {service_id!r}", status=404, code="not-found")
         return parse_hook_request(body, hook)
 
-    def fhir_access(self, request: HookRequest, fhir_server_allowlist: Sequence[str] | None) -> FhirAccessPlan:
+    def fhir_access(self, request: HookRequest, fhir_server_allowlist: Allowlist | None) -> FhirAccessPlan:
         if not self.settings.contact_fhir_servers:
             return FhirAccessPlan(None, "offline evaluation does not contact FHIR servers")
         if request.fhir is None or not request.fhir.access_token:
@@ -200,7 +203,7 @@ class CoverageService:
 
         def factory() -> FhirClient:
             return FhirClient(access.server, access.access_token, self.settings.fhir_timeout_seconds,
-                              transport=self._transport)
+                              transport=self._transport, limits=self.settings.fhir_limits)
 
         return FhirAccessPlan(factory, None)
 
@@ -232,7 +235,8 @@ class CoverageService:
                 notes[reference_of(read)] = found
             if item.target is not None:
                 targets[reference_of(read)] = item.target
-        facts = [order_facts(systems, r, bundle) for r in bundle if r.get("resourceType") in ORDER_TYPES]
+        medications = medications_from([request.context.get("draftOrders"), *request.prefetch.values()])
+        facts = [order_facts(systems, r, medications) for r in bundle if r.get("resourceType") in ORDER_TYPES]
         selected = facts
         if request.selections is not None:
             chosen = {type_and_id(s) for s in request.selections}
@@ -242,20 +246,19 @@ class CoverageService:
             for policy in self.policies.policies:
                 match = policy.trigger_for(order, facts)
                 if match is not None:
-                    found_items.append(InScope(policy, match[0], match[1], order, targets.get(order.reference)))
-        return Scope(found_items, facts, notes)
+                    found_items.append(InScope(policy, match, order, targets.get(order.reference)))
+        return Scope(found_items, facts, notes, medications)
 
     def unreadable(self, scope: Scope) -> dict[str, list[str]]:
         """Per in-scope order reference: faults on elements the decision reads (the order is decided
         as unreadable). Faults on other elements are noted and otherwise ignored."""
         systems = self.policies.systems
-        bundle = [f.raw for f in scope.facts]
         out: dict[str, list[str]] = {}
         for item in scope.items:
             reference = item.order.reference
             if reference in out:
                 continue
-            check = check_order(item.order.raw, lambda raw: order_facts(systems, raw, bundle))
+            check = check_order(item.order.raw, lambda raw: order_facts(systems, raw, scope.medications))
             out[reference] = check.unreadable
             if check.ignored:
                 scope.notes.setdefault(reference, []).append(
@@ -271,7 +274,7 @@ class CoverageService:
         return self._needs[key]
 
     async def record_for(self, request: HookRequest, policies: Sequence[Policy],
-                         fhir_server_allowlist: Sequence[str] | None) -> PatientRecord:
+                         fhir_server_allowlist: Allowlist | None) -> PatientRecord:
         """The record the given policies read."""
         return await self.gather(request, self.needs_for(policies), self.fhir_access(request, fhir_server_allowlist))
 
@@ -300,7 +303,7 @@ class CoverageService:
             raise RequestError(f"not a member of a payer this service handles: {problem}")
 
     async def handle(self, service_id: str, body: Any, base_url: str,
-                     fhir_server_allowlist: Sequence[str] | None = None) -> HookResult:
+                     fhir_server_allowlist: Allowlist | None = None) -> HookResult:
         """Answer one hook call. Raises RequestError (4xx) and DataUnavailable (412)."""
         request = self.parse(service_id, body)
         access = self.fhir_access(request, fhir_server_allowlist)
@@ -333,6 +336,8 @@ class CoverageService:
         wanted = request.configuration.get("coverage-info", True) is not False
         today = self._today().isoformat()
         coverage = self._coverage_reference(record)
+        for medication in record.raw_of_type("Medication"):  # read from the FHIR server with the record
+            scope.medications.add(medication)
         cards: list[dict[str, Any]] = []
         annotated: dict[str, dict[str, Any]] = {}
         for item in scope.items:
@@ -362,8 +367,8 @@ class CoverageService:
             if wanted:
                 for card in self.renderer.cards(
                     decision,
-                    trigger_label=item.trigger.label,
-                    order_label=f"{item.trigger.label} ({item.order.code.label()})",
+                    trigger_label=item.match.trigger.label,
+                    order_label=f"{item.match.trigger.label} ({item.order.code.label()})",
                     payer_name=self.settings.payer_name,
                     policy_url=policy_url,
                     advisory_only=advisory_only,
@@ -388,7 +393,8 @@ class CoverageService:
         if unreadable[reference]:
             decision = unreadable_decision(item.policy.id, item.policy.title, reference, unreadable[reference])
         else:
-            decision = decide(self.policies, item.policy, item.trigger, item.how, item.order, scope.facts, record)
+            decision = decide(self.policies, item.policy, item.match, item.order, scope.facts, record,
+                              today=self._today(), medications=scope.medications)
         if item.target is not None:
             target = reference_of(item.target)
             decision.order_reference = target
@@ -413,7 +419,7 @@ class CoverageService:
     def _billing_code(self, item: InScope) -> Mapping[str, str] | None:
         systems = self.policies.systems
         for coding in item.order.code.codings:
-            if coding.system in _BILLING_SYSTEMS and item.trigger.code_in.contains(coding):
+            if coding.system in _BILLING_SYSTEMS and item.match.trigger.code_in.contains(coding):
                 billing = {"system": systems.get(coding.system).canonical, "code": coding.code}
                 if coding.display:
                     billing["display"] = coding.display
