@@ -40,9 +40,10 @@ def hook_body(hook: str, context: dict[str, Any], prefetch: dict[str, Any], vers
 
 def dispatch(prefetch_orders: list[dict[str, Any]], refs: list[str]) -> Any:
     prefetch = prefetch_for(TRIAL["record"])
-    prefetch["serviceRequests"] = searchset([o for o in prefetch_orders if o["resourceType"] == "ServiceRequest"])
-    prefetch["medicationRequests"] = searchset([o for o in prefetch_orders
-                                                if o["resourceType"] == "MedicationRequest"])
+    prefetch["dispatchedServiceRequests"] = searchset([o for o in prefetch_orders
+                                                       if o["resourceType"] == "ServiceRequest"])
+    prefetch["dispatchedMedicationRequests"] = searchset([o for o in prefetch_orders
+                                                          if o["resourceType"] == "MedicationRequest"])
     return hook_body("order-dispatch", {"dispatchedOrders": refs, "performer": "Organization/infusion-centre"},
                      prefetch)
 
@@ -90,7 +91,7 @@ def appointment(**extra: Any) -> dict[str, Any]:
 
 def book(appointments: list[dict[str, Any]], *orders: dict[str, Any], version: str | None = "2.2") -> Any:
     prefetch = prefetch_for(TRIAL["record"])
-    prefetch["serviceRequests"] = searchset(list(orders))
+    prefetch["basedOnServiceRequests"] = searchset(list(orders))
     return hook_body("appointment-book", {
         "userId": "Practitioner/dr1",
         "appointments": {"resourceType": "Bundle", "type": "collection",

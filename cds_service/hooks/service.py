@@ -51,11 +51,12 @@ _BILLING_SYSTEMS = {"cpt", "hcpcs"}
 _REFERENCED_PREFETCH = {
     "order-dispatch": {
         name: f"{rtype}?_id={{{{context.dispatchedOrders.resolve().ofType({rtype}).id}}}}"
-        for name, rtype in (("serviceRequests", "ServiceRequest"), ("deviceRequests", "DeviceRequest"),
-                            ("medicationRequests", "MedicationRequest"))
+        for name, rtype in (("dispatchedServiceRequests", "ServiceRequest"),
+                            ("dispatchedDeviceRequests", "DeviceRequest"),
+                            ("dispatchedMedicationRequests", "MedicationRequest"))
     },
     "appointment-book": {
-        "serviceRequests": "ServiceRequest?_id={{context.appointments.entry.resource.ofType(Appointment)"
+        "basedOnServiceRequests": "ServiceRequest?_id={{context.appointments.entry.resource.ofType(Appointment)"
                            ".basedOn.resolve().ofType(ServiceRequest).id}}",
     },
 }
