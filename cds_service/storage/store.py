@@ -40,6 +40,9 @@ class AuditRecord:
     response: Any
     request: Any
     cards: Sequence[Mapping[str, Any]] = ()
+    #: the Da Vinci CRD version the answer followed ("2.0.1", "2.2.1"); None when no answer was made
+    #: (not stored yet: needs a hook_audit column)
+    crd_version: str | None = None
 
 
 def _utcnow() -> dt.datetime:

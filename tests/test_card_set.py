@@ -1,0 +1,143 @@
+"""The CRD card set per governed order (External Reference card with the policy link; Instructions card,
+without links, when something must be documented; the Coverage Information systemAction), systemActions
+always present on order-sign, EHR text that cannot become a link, and the policy page."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import re
+from typing import Any
+
+import pytest
+from starlette.testclient import TestClient
+
+from cds_service.hooks.service import CoverageService, HookResult
+
+from .crd_profile import coverage_extensions
+from .support import FIXTURES, SERVICE_FOR_HOOK, hook_request, load, scenario_request
+
+TEMP_CARD_TYPE = "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp"
+NO_TRIAL = load(FIXTURES / "scenarios/mp442-chronic-pain-no-trial.json")
+KETAMINE = load(FIXTURES / "scenarios/mp446-ketamine-iv-chronic-pain.json")
+WALKER = {"resourceType": "DeviceRequest", "id": "w", "status": "draft", "intent": "order",
+          "codeCodeableConcept": {"coding": [{"system": "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets",
+                                              "code": "E0130"}]}, "subject": {"reference": "Patient/p1"}}
+
+
+def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
+    return asyncio.run(service.handle(SERVICE_FOR_HOOK[body["hook"]], body, "https://cds.example.org"))
+
+
+def for_order(cards: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
+    return [c for c in cards if c["extension"]["davinci-crd.associated-resource"][0]["reference"] == reference]
+
+
+@pytest.mark.parametrize("hook", ["order-sign", "order-select"])
+def test_conditional_order_gets_external_reference_and_instructions(service: CoverageService, hook: str) -> None:
+    scenario = copy.deepcopy(NO_TRIAL)
+    scenario["hook"] = hook
+    scenario["selections"] = ["ServiceRequest/pump"]
+    result = run(service, scenario_request(scenario))
+    reference, instructions = for_order(result.response["cards"], "ServiceRequest/pump")
+    # External Reference (CRD): links, all absolute, no suggestions; the one clear summary for the order
+    assert reference["summary"].startswith("Conditional: ") and "(MP-442)" in reference["summary"]
+    assert reference["links"] == [{"label": "MP-442: Implantable Infusion Pump for Pain and Spasticity",
+                                   "url": "https://cds.example.org/policies/MP-442", "type": "absolute"}]
+    assert "suggestions" not in reference
+    # Instructions (CRD): no links, no suggestions; says what to document, item by item
+    assert "links" not in instructions and "suggestions" not in instructions
+    assert instructions["summary"] != reference["summary"] and len(instructions["summary"]) < 140
+    assert instructions["detail"].count("\n- ") == len(result.decisions[0].missing)
+    assert "http" not in instructions["detail"] and "](" not in instructions["detail"]
+    for card in (reference, instructions):
+        assert card["source"] == {"label": "Test Health Plan", "topic": {
+            "system": TEMP_CARD_TYPE, "code": "coverage-info", "display": "Coverage Information"}}
+        assert re.fullmatch(r"[0-9a-f-]{36}", card["uuid"])
+    assert ("by the time the order is signed" in instructions["detail"]) is (hook == "order-select")
+    # and the coverage information is a systemAction, never a card
+    assert [a["type"] for a in result.response["systemActions"]] == ["update"]
+    assert coverage_extensions(result.response["systemActions"][0]["resource"])
+
+
+def test_firm_decision_gets_only_the_external_reference_card(service: CoverageService) -> None:
+    result = run(service, scenario_request(KETAMINE))
+    [card] = result.response["cards"]
+    assert card["summary"].startswith("Not covered") and card["links"][0]["type"] == "absolute"
+    assert len(result.response["systemActions"]) == 1
+
+
+def test_order_sign_always_has_system_actions(service: CoverageService) -> None:
+    assert run(service, hook_request([WALKER], prefetch={})).response == {"cards": [], "systemActions": []}
+    select = hook_request([WALKER], prefetch={}, hook="order-select")
+    assert run(service, select).response == {"cards": []}
+
+
+def test_ehr_text_cannot_become_a_link(service: CoverageService) -> None:
+    """Issue 15 item 11: bare URLs, www. names and e-mail addresses in EHR text stay text in the card
+    (GFM autolink literals and markdown-it linkify with fuzzy links would make links of them)."""
+    scenario = copy.deepcopy(KETAMINE)
+    hostile = "see www.evil.example or https://evil.example/x, mail help@evil.example, evil.example/login"
+    order = scenario["orders"][0]
+    order["medicationCodeableConcept"]["coding"][0]["display"] = hostile
+    order["reasonCode"][0]["text"] = hostile
+    detail = run(service, scenario_request(scenario)).response["cards"][0]["detail"]
+    assert "evil" in detail
+    unescaped = re.compile(r"(?<!\\)\.\w|(?<!\\)[:@]")  # a dot inside a name, a scheme's colon, an @
+    for found in re.finditer(r"\S*evil\S*", detail):
+        assert not unescaped.search(found.group()), found.group()
+
+
+def test_ehr_text_is_clipped_so_a_card_stays_small(service: CoverageService) -> None:
+    scenario = copy.deepcopy(KETAMINE)
+    scenario["orders"][0]["reasonCode"][0]["text"] = "x" * 100_000
+    card = run(service, scenario_request(scenario)).response["cards"][0]
+    assert len(card["detail"]) < 8000
+
+
+def test_policy_page_is_clean_html(client: TestClient) -> None:
+    response = client.get("/policies/MP-446")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/html")
+    assert "default-src 'none'" in response.headers["content-security-policy"]
+    page = response.text
+    assert "<title>MP-446: Intravenous Anesthetics" in page
+    assert "<h1>Intravenous Anesthetics for the Treatment of Chronic Pain and Psychiatric Disorders</h1>" in page
+    assert "Policy Number: MP-446" in page and "<h2>POLICY</h2>" in page
+    assert "Category Filter" not in page and "Asset Publisher" not in page  # scraped site navigation
+    assert "<script" not in page
+    assert client.get("/policies/MP-999").status_code == 404
+
+
+def test_unknown_coverage_asks_to_record_the_insurance(service: CoverageService) -> None:
+    body = scenario_request(KETAMINE)
+    body["prefetch"]["coverage"] = None
+    reference, instructions = run(service, body).response["cards"]
+    assert reference["summary"].startswith("Not covered")
+    assert "links" not in instructions and instructions["summary"].startswith("Record the patient's insurance")
+    assert "No Coverage of the patient was found" in instructions["detail"]
+
+
+def test_unreadable_data_says_what_and_to_ask_again(service: CoverageService) -> None:
+    import httpx
+    import respx
+
+    body = scenario_request(load(FIXTURES / "scenarios/mp442-chronic-pain-successful-trial.json"))
+    del body["prefetch"]["observations"]
+    body.update(fhirServer="https://ehr.example.org/fhir",
+                fhirAuthorization={"access_token": "t", "token_type": "Bearer"})
+    with respx.mock(assert_all_called=False) as router:
+        router.get(url__startswith="https://ehr.example.org/fhir/").mock(return_value=httpx.Response(500))
+        reference, instructions = run(service, body).response["cards"]
+    assert reference["summary"].startswith("Coverage not determined")
+    assert instructions["summary"].startswith("Ask again when the EHR's data can be read")
+    assert "Observation data could not be read" in instructions["detail"].replace("\\", "")
+    assert "Nothing needs to be documented" in instructions["detail"]
+
+
+def test_facts_read_from_free_text_are_said_on_the_card(service: CoverageService) -> None:
+    scenario = load(FIXTURES / "scenarios/mp446-route-only-in-dosage-text.json")
+    result = run(service, scenario_request(scenario))
+    decision = next(d for d in result.decisions if d.text_read)
+    card = for_order(result.response["cards"], decision.order_reference)[0]
+    assert "Read from free text, not codes" in card["detail"]
