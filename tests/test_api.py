@@ -92,7 +92,12 @@ def test_no_order_in_scope_gives_empty_cards(client: TestClient) -> None:
                                                   "code": "E0130"}]}, "subject": {"reference": "Patient/p1"}}
     response = client.post(SIGN, json=hook_request([walker], prefetch={}))
     assert response.status_code == 200
-    assert response.json() == {"cards": [], "systemActions": []}  # CRD: the field is always there on order-sign
+    # CRD hook-16: on order-sign every order carries coverage information, here "not assessed by this service"
+    answer = response.json()
+    assert answer["cards"] == [] and [a["resource"]["id"] for a in answer["systemActions"]] == ["w"]
+    info = {p["url"]: p for p in answer["systemActions"][0]["resource"]["extension"][0]["extension"]}
+    assert info["covered"]["valueCode"] == "conditional"
+    assert "Not assessed" in info["reason"]["valueCodeableConcept"]["text"]
     response = client.post(SELECT, json=hook_request([walker], prefetch={}, hook="order-select"))
     assert response.json() == {"cards": []}
 

@@ -34,30 +34,30 @@ def for_order(cards: list[dict[str, Any]], reference: str) -> list[dict[str, Any
 
 
 @pytest.mark.parametrize("hook", ["order-sign", "order-select"])
-def test_conditional_order_gets_external_reference_and_instructions(service: CoverageService, hook: str) -> None:
+def test_conditional_order_gets_one_instructions_card(service: CoverageService, hook: str) -> None:
+    """Something must be documented: one card for the order (the sandbox shows one per order), of the CRD
+    Instructions type (no links, no suggestions), with the clear summary, what to document item by item,
+    and the policy named in its text."""
     scenario = copy.deepcopy(NO_TRIAL)
     scenario["hook"] = hook
     scenario["selections"] = ["ServiceRequest/pump"]
     result = run(service, scenario_request(scenario))
-    reference, instructions = for_order(result.response["cards"], "ServiceRequest/pump")
-    # External Reference (CRD): links, all absolute, no suggestions; the one clear summary for the order
-    assert reference["summary"].startswith("Conditional: ") and "(MP-442)" in reference["summary"]
-    assert reference["links"] == [{"label": "MP-442: Implantable Infusion Pump for Pain and Spasticity",
-                                   "url": "https://cds.example.org/policies/MP-442", "type": "absolute"}]
-    assert "suggestions" not in reference
-    # Instructions (CRD): no links, no suggestions; says what to document, item by item
-    assert "links" not in instructions and "suggestions" not in instructions
-    assert instructions["summary"] != reference["summary"] and len(instructions["summary"]) < 140
-    assert instructions["detail"].count("\n- ") == len(result.decisions[0].missing)
-    assert "http" not in instructions["detail"] and "](" not in instructions["detail"]
-    for card in (reference, instructions):
-        assert card["source"] == {"label": "Test Health Plan", "topic": {
-            "system": TEMP_CARD_TYPE, "code": "coverage-info", "display": "Coverage Information"}}
-        assert re.fullmatch(r"[0-9a-f-]{36}", card["uuid"])
-    assert ("by the time the order is signed" in instructions["detail"]) is (hook == "order-select")
-    # and the coverage information is a systemAction, never a card
-    assert [a["type"] for a in result.response["systemActions"]] == ["update"]
-    assert coverage_extensions(result.response["systemActions"][0]["resource"])
+    [card] = for_order(result.response["cards"], "ServiceRequest/pump")
+    assert card["summary"].startswith("Conditional: ") and "(MP-442)" in card["summary"]
+    assert len(card["summary"]) < 140
+    assert "links" not in card and "suggestions" not in card
+    todo = card["detail"].split("**MP-442")[0]
+    assert todo.count("\n- ") == len(result.decisions[0].missing)
+    assert "[MP-442 Implantable Infusion Pump for Pain and Spasticity](https://cds.example.org/policies/MP-442)" \
+        in card["detail"]
+    assert card["source"] == {"label": "Test Health Plan", "topic": {
+        "system": TEMP_CARD_TYPE, "code": "coverage-info", "display": "Coverage Information"}}
+    assert re.fullmatch(r"[0-9a-f-]{36}", card["uuid"])
+    assert ("by the time the order is signed" in card["detail"]) is (hook == "order-select")
+    # and the coverage information is a systemAction, never a card (on order-sign for every order)
+    actions = {a["resource"]["id"]: a for a in result.response.get("systemActions", [])}
+    assert set(actions) == ({"pump"} if hook == "order-select" else {o["id"] for o in scenario["orders"]})
+    assert coverage_extensions(actions["pump"]["resource"])
 
 
 def test_firm_decision_gets_only_the_external_reference_card(service: CoverageService) -> None:
@@ -68,7 +68,14 @@ def test_firm_decision_gets_only_the_external_reference_card(service: CoverageSe
 
 
 def test_order_sign_always_has_system_actions(service: CoverageService) -> None:
-    assert run(service, hook_request([WALKER], prefetch={})).response == {"cards": [], "systemActions": []}
+    """CRD hook-16: on a primary hook every order carries coverage information, also one no policy of this
+    service assesses (said as such); order-select is a secondary hook: nothing for it."""
+    answer = run(service, hook_request([WALKER], prefetch={})).response
+    assert answer["cards"] == [] and [a["resource"]["id"] for a in answer["systemActions"]] == ["w"]
+    [info] = coverage_extensions(answer["systemActions"][0]["resource"])
+    parts = {p["url"]: p for p in info["extension"]}
+    assert parts["covered"]["valueCode"] == "conditional" and parts["info-needed"]["valueCode"] == "OTH"
+    assert "doc-needed" not in parts and "Not assessed" in parts["reason"]["valueCodeableConcept"]["text"]
     select = hook_request([WALKER], prefetch={}, hook="order-select")
     assert run(service, select).response == {"cards": []}
 
@@ -112,10 +119,9 @@ def test_policy_page_is_clean_html(client: TestClient) -> None:
 def test_unknown_coverage_asks_to_record_the_insurance(service: CoverageService) -> None:
     body = scenario_request(KETAMINE)
     body["prefetch"]["coverage"] = None
-    reference, instructions = run(service, body).response["cards"]
-    assert reference["summary"].startswith("Not covered")
-    assert "links" not in instructions and instructions["summary"].startswith("Record the patient's insurance")
-    assert "No Coverage of the patient was found" in instructions["detail"]
+    [card] = run(service, body).response["cards"]
+    assert card["summary"].startswith("Not covered") and "links" not in card
+    assert "No Coverage of the patient was found" in card["detail"]
 
 
 def test_unreadable_data_says_what_and_to_ask_again(service: CoverageService) -> None:
@@ -128,11 +134,10 @@ def test_unreadable_data_says_what_and_to_ask_again(service: CoverageService) ->
                 fhirAuthorization={"access_token": "t", "token_type": "Bearer"})
     with respx.mock(assert_all_called=False) as router:
         router.get(url__startswith="https://ehr.example.org/fhir/").mock(return_value=httpx.Response(500))
-        reference, instructions = run(service, body).response["cards"]
-    assert reference["summary"].startswith("Coverage not determined")
-    assert instructions["summary"].startswith("Ask again when the EHR's data can be read")
-    assert "Observation data could not be read" in instructions["detail"].replace("\\", "")
-    assert "Nothing needs to be documented" in instructions["detail"]
+        [card] = run(service, body).response["cards"]
+    assert card["summary"].startswith("Coverage not determined") and "links" not in card
+    assert "Observation data could not be read" in card["detail"].replace("\\", "")
+    assert "Nothing needs to be documented" in card["detail"]
 
 
 def test_facts_read_from_free_text_are_said_on_the_card(service: CoverageService) -> None:

@@ -32,10 +32,14 @@ def extensions(result: HookResult) -> list[Any]:
 
 
 def assert_valid(result: HookResult, version: str = "2.0.1") -> list[dict[str, Any]]:
+    """Every coverage-information of the answer is valid; the parts of those made by a decision (the others
+    say that no policy of this service assesses the order)."""
     parts = []
     for ext in extensions(result):
         assert coverage_information_errors(ext, version) == [], ext
-        parts.append({p["url"]: p for p in ext["extension"]})
+        found = {p["url"]: p for p in ext["extension"]}
+        if not found["reason"]["valueCodeableConcept"]["text"].startswith("Not assessed"):
+            parts.append(found)
     return parts
 
 

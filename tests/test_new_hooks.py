@@ -60,7 +60,8 @@ def test_order_dispatch_decides_the_dispatched_orders(service: CoverageService) 
     assert [(d.order_reference, d.outcome, d.rule_id) for d in result.decisions] == [
         (d.order_reference, d.outcome, d.rule_id) for d in expected.decisions]
     assert result.decisions[0].outcome.value == "covered"
-    [action] = result.response["systemActions"]
+    action, drug = result.response["systemActions"]  # the drug: not assessed by this service (hook-16)
+    assert drug["resource"]["id"] == "pumpdrug"
     only_resource_changed_is_the_extension(PUMP, action["resource"])
     for ext in coverage_extensions(action["resource"]):
         assert coverage_information_errors(ext, "2.2.1") == []
@@ -134,4 +135,7 @@ def test_nothing_in_scope_still_has_system_actions(service: CoverageService, hoo
                                                                          "code": "24323-8"}]}}
     body = dispatch([other], ["ServiceRequest/x"]) if hook == "order-dispatch" else book(
         [appointment(basedOn=[{"reference": "ServiceRequest/x"}])], other)
-    assert run(service, body).response == {"cards": [], "systemActions": []}
+    answer = run(service, body).response  # hook-16: coverage information all the same, "not assessed"
+    assert answer["cards"] == [] and [a["resource"]["id"] for a in answer["systemActions"]] == ["x"]
+    [ext] = coverage_extensions(answer["systemActions"][0]["resource"])
+    assert coverage_information_errors(ext, "2.2.1") == []

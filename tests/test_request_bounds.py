@@ -78,7 +78,7 @@ def test_response_size_is_bounded(service: CoverageService) -> None:
     body_size = len(dumps(body))
     result = asyncio.run(service.handle("coverage-requirements-order-sign", body, "https://cds.example.org"))
     size = len(dumps(result.response))
-    assert len(result.response["systemActions"]) == MAX_ORDERS // 2  # the pumps (the drugs are read, not decided)
+    assert len(result.response["systemActions"]) == MAX_ORDERS  # the pumps decided, the drugs "not assessed"
     for card in result.response["cards"]:
         assert len(card["detail"]) <= MAX_DETAIL
         assert card["detail"].count("\n- `") <= MAX_EVIDENCE  # evidence lines; the trace keeps them all

@@ -1,13 +1,16 @@
 """CDS Hooks cards for coverage decisions, worded by the Jinja templates in ``cards/``.
 
-Per decided order, the CRD card types (CRD 2.0.1 "Coverage Information", "External Reference",
-"Instructions" response types; the coverage information itself is a systemAction, not a card):
+One card per decided order, with one clear summary for the clinician (status, what and which policy), of
+one of the CRD card types (CRD 2.0.1 "External Reference" and "Instructions" response types; the coverage
+information itself is a systemAction, not a card):
 
-- one **External Reference** card: the clear summary for the clinician (status, what and which policy),
-  why, the evidence used, and a link to the policy;
-- an **Instructions** card, without links, whenever something must be done or documented: the order is
-  conditional on information the record lacks (what to document, item by item), or on data that could
-  not be read (what, and to ask again), or no Coverage of the patient was found (record it).
+- an **Instructions** card whenever something must be done or documented: the order is conditional on
+  information the record lacks (what to document, item by item), or on data that could not be read (what,
+  and to ask again), or no Coverage of the patient was found (record it). Then why, the evidence, and the
+  policy named in the text (an Instructions card carries no ``links``);
+- otherwise an **External Reference** card: why, the evidence used, and a link to the policy.
+
+One card per order keeps the EHR's view readable (the CDS Hooks sandbox shows cards one under another).
 
 Text that comes from the EHR or the record is made inert markdown (no links, images, HTML, emphasis,
 and no autolinks: bare URLs, ``www.`` names and e-mail addresses stay text) and is clipped, so a card
@@ -79,7 +82,6 @@ class CardRenderer:
         self.env.filters["code"] = escape_code
         self.summary_template = self.env.get_template("summary.txt.j2")
         self.detail_template = self.env.get_template("detail.md.j2")
-        self.instructions_summary_template = self.env.get_template("instructions-summary.txt.j2")
         self.instructions_template = self.env.get_template("instructions.md.j2")
 
     def summary(self, decision: Decision) -> str:
@@ -94,8 +96,8 @@ class CardRenderer:
     def cards(self, decision: Decision, *, trigger_label: str, order_label: str, payer_name: str,
               policy_url: str, advisory_only: bool, topic: Mapping[str, str], coverage_known: bool = True,
               notes: list[str] | None = None) -> list[dict[str, Any]]:
-        """The cards for one decision: the External Reference card, then the Instructions card if any.
-        ``coverage_known`` is false when no Coverage of the patient was found."""
+        """The card for one decision: an Instructions card when something must be done or documented, else an
+        External Reference card. ``coverage_known`` is false when no Coverage of the patient was found."""
         instructions = self.needs_instructions(decision, coverage_known)
         evidence = decision.evidence[:MAX_EVIDENCE]
         values = {
@@ -111,29 +113,24 @@ class CardRenderer:
             "notes": decision.notes if notes is None else notes,
             "instructions": instructions,
             "coverage_known": coverage_known,
+            "policy_url": policy_url,
         }
-        source = {"label": payer_name, "topic": dict(topic)}
-        associated = {"davinci-crd.associated-resource": [{"reference": decision.order_reference}]}
-        out = [{
+        card: dict[str, Any] = {
             "uuid": str(uuid.uuid4()),
             "summary": self.summary(decision),
-            "detail": self._markdown(self.detail_template.render(**values)),
+            "detail": "",
             "indicator": "warning" if decision.outcome is Outcome.NOT_COVERED else "info",
-            "source": source,
-            "links": [{"label": f"{decision.policy_id}: {decision.policy_title}", "url": policy_url,
-                       "type": "absolute"}],
-            "extension": associated,
-        }]
+            "source": {"label": payer_name, "topic": dict(topic)},
+        }
         if instructions:
-            out.append({
-                "uuid": str(uuid.uuid4()),
-                "summary": _one_line(self.instructions_summary_template.render(**values)),
-                "detail": self._markdown(self.instructions_template.render(**values)),
-                "indicator": "info",
-                "source": source,
-                "extension": associated,
-            })
-        return out
+            todo = self.instructions_template.render(**values)
+            card["detail"] = self._markdown(todo + "\n\n" + self.detail_template.render(**values))
+        else:
+            card["detail"] = self._markdown(self.detail_template.render(**values))
+            card["links"] = [{"label": f"{decision.policy_id}: {decision.policy_title}", "url": policy_url,
+                              "type": "absolute"}]
+        card["extension"] = {"davinci-crd.associated-resource": [{"reference": decision.order_reference}]}
+        return [card]
 
     @staticmethod
     def _markdown(text: str) -> str:

@@ -67,6 +67,24 @@ def coverage_information(
     return {"url": EXT_COVERAGE_INFORMATION, "extension": parts}
 
 
+def not_assessed_information(*, version: CrdVersion, assertion_id: str, date: str, coverage: Mapping[str, Any],
+                             reason: str) -> dict[str, Any]:
+    """The extension for an order on a primary hook that no policy of this service assesses (CRD hook-16:
+    every answer on a primary hook carries coverage information): the version's "not determined here"
+    answer, with the reason in text and nothing asked of the clinician."""
+    covered = version.not_assessed_covered
+    parts: list[dict[str, Any]] = [{"url": "coverage", "valueReference": dict(coverage)},
+                                   {"url": "covered", "valueCode": covered}]
+    if covered == "conditional":
+        parts.append({"url": "pa-needed", "valueCode": "conditional"})  # crd-ci-q2 in 2.0.1: not not-covered
+        if "covered" in version.info_needed_when:
+            parts.append({"url": "info-needed", "valueCode": "OTH"})
+    parts += [{"url": "reason", "valueCodeableConcept": {"text": reason}},
+              {"url": "date", "valueDate": date},
+              {"url": "coverage-assertion-id", "valueString": assertion_id}]
+    return {"url": EXT_COVERAGE_INFORMATION, "extension": parts}
+
+
 def annotated_order(order: Mapping[str, Any], extension: Mapping[str, Any]) -> dict[str, Any]:
     """The order as the EHR sent it, with the coverage-information extension added. A new top-level
     object and extension list; the rest is shared with the request, which nothing modifies."""

@@ -23,7 +23,13 @@ from ..fhir.gather import ClientFactory, DataNeed, gather_record
 from ..fhir.record import PatientRecord
 from ..urls import Allowlist, fhir_server_problem
 from .cards import CardRenderer
-from .coverage_info import UNKNOWN_COVERAGE, annotated_order, coverage_information, new_assertion_id
+from .coverage_info import (
+    UNKNOWN_COVERAGE,
+    annotated_order,
+    coverage_information,
+    new_assertion_id,
+    not_assessed_information,
+)
 from .hook_orders import (
     Decidable,
     appointment_decidables,
@@ -115,6 +121,8 @@ class Scope:
     notes: dict[str, list[str]]
     #: Medication resources an order may reference (the request's bundle and prefetch)
     medications: Medications = field(default_factory=Medications)
+    #: per order reference, the resource its coverage information is added to when not the order itself
+    targets: dict[str, Mapping[str, Any]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -248,7 +256,7 @@ class CoverageService:
                 match = policy.trigger_for(order, facts)
                 if match is not None:
                     found_items.append(InScope(policy, match, order, targets.get(order.reference)))
-        return Scope(found_items, facts, notes, medications)
+        return Scope(found_items, facts, notes, medications, targets)
 
     def unreadable(self, scope: Scope) -> dict[str, list[str]]:
         """Per in-scope order reference: faults on elements the decision reads (the order is decided
@@ -320,7 +328,7 @@ class CoverageService:
             if record is None:
                 record = await self.gather(request, self.coverage_needs, access)
             self.check_payer(request, record)
-        if not scope.items:
+        if not scope.items and request.hook not in PRIMARY_HOOKS:
             return result
         return self.respond(request, scope, unreadable, record or PatientRecord(), base_url, result)
 
@@ -379,12 +387,35 @@ class CoverageService:
                 ):
                     cards.append(card)
                     result.card_decisions[card["uuid"]] = assertion_id
+        if request.hook in PRIMARY_HOOKS:
+            self._not_assessed(request, scope, result.decisions, annotated, coverage, today)
         actions = []
         if wanted or not version.configuration_covers_system_actions:
             actions = [{"type": "update", "description": f"Add coverage information to {reference}",
                         "resource": resource} for reference, resource in annotated.items()]
         result.response = self._answer(cards, actions, request.hook)
         return result
+
+    def _not_assessed(self, request: HookRequest, scope: Scope, decisions: Sequence[Decision],
+                      annotated: dict[str, dict[str, Any]], coverage: Mapping[str, Any], today: str) -> None:
+        """Coverage information for every other order of a primary hook (CRD hook-16): no policy of this
+        service assesses it, said as such, with nothing asked of the clinician."""
+        ids = ", ".join(p.id for p in self.policies.policies)
+        why = {d.order_reference: d.reason for d in decisions if not d.decided and d.reason}
+        for order in scope.facts:
+            reference = order.reference
+            target = scope.targets.get(reference)
+            shown = reference_of(target) if target is not None else reference
+            if shown in annotated or not order.id:
+                continue
+            reason = (f"Not assessed by this service: {why[reference]}" if reference in why else
+                      f"Not assessed by this service, which decides coverage under medical policies {ids} only; "
+                      "none of them applies to this order.")
+            extension = not_assessed_information(
+                version=request.version, assertion_id=new_assertion_id(), date=today,
+                coverage={"reference": order.insurance[0]} if order.insurance else coverage,
+                reason=reason + " Coverage depends on the member's benefits and the payer's other policies.")
+            annotated[shown] = annotated_order(target if target is not None else order.raw, extension)
 
     def _decide(self, item: InScope, scope: Scope, unreadable: Mapping[str, list[str]],
                 record: PatientRecord) -> Decision:

@@ -30,6 +30,9 @@ class CrdVersion:
     card_topic: Mapping[str, str]
     #: ``covered`` when the EHR's data could not be read (2.2.1 resp-43: indeterminate)
     technical_covered: str
+    #: ``covered`` for an order no policy of this service assesses (hook-16: primary hooks always carry
+    #: coverage information): 2.0.1 has only conditional (with info-needed and a reason), 2.2.1 indeterminate
+    not_assessed_covered: str
     #: the ``reason`` coding when the EHR's data could not be read
     technical_reason: Mapping[str, str]
     #: which elements being ``conditional`` call for ``info-needed`` (crd-ci-q3 differs between versions)
@@ -47,6 +50,7 @@ CRD_2_0 = CrdVersion(
     label="2.0.1",
     card_topic={"system": CRD_TEMP, "code": "coverage-info", "display": "Coverage Information"},
     technical_covered="conditional",
+    not_assessed_covered="conditional",
     # CRD 2.0.1's coverageAssertionReasons (extensible) has no code for it; NullFlavor "temporarily unavailable"
     technical_reason={"system": NULL_FLAVOR, "code": "NAV", "display": "temporarily unavailable"},
     info_needed_when=frozenset({"covered"}),
@@ -59,6 +63,7 @@ CRD_2_2 = CrdVersion(
     label="2.2.1",
     card_topic={"system": CARD_TYPES, "code": "coverage-info", "display": "Coverage Information"},
     technical_covered="indeterminate",
+    not_assessed_covered="indeterminate",
     technical_reason={"system": CRD_TEMP, "code": "technical", "display": "Technical issue"},
     info_needed_when=frozenset({"covered", "pa-needed", "doc-needed"}),
     policy_link_detail={"category": "cat-other", "system": COVERAGE_DETAIL, "code": "policy-link",
