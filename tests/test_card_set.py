@@ -119,9 +119,10 @@ def test_policy_page_is_clean_html(client: TestClient) -> None:
 def test_unknown_coverage_asks_to_record_the_insurance(service: CoverageService) -> None:
     body = scenario_request(KETAMINE)
     body["prefetch"]["coverage"] = None
-    [card] = run(service, body).response["cards"]
-    assert card["summary"].startswith("Not covered") and "links" not in card
-    assert "No Coverage of the patient was found" in card["detail"]
+    reference, instructions = run(service, body).response["cards"]
+    assert reference["summary"].startswith("Not covered") and reference["links"]
+    assert "links" not in instructions and instructions["summary"].startswith("Record the patient's insurance")
+    assert "No Coverage of the patient was found" in instructions["detail"]
 
 
 def test_unreadable_data_says_what_and_to_ask_again(service: CoverageService) -> None:
@@ -134,10 +135,12 @@ def test_unreadable_data_says_what_and_to_ask_again(service: CoverageService) ->
                 fhirAuthorization={"access_token": "t", "token_type": "Bearer"})
     with respx.mock(assert_all_called=False) as router:
         router.get(url__startswith="https://ehr.example.org/fhir/").mock(return_value=httpx.Response(500))
-        [card] = run(service, body).response["cards"]
-    assert card["summary"].startswith("Coverage not determined") and "links" not in card
-    assert "Observation data could not be read" in card["detail"].replace("\\", "")
-    assert "Nothing needs to be documented" in card["detail"]
+        reference, instructions = run(service, body).response["cards"]
+    assert reference["summary"].startswith("Coverage not determined") and reference["links"]
+    assert instructions["summary"].startswith("Ask again when the EHR's data can be read")
+    assert "links" not in instructions
+    assert "Observation data could not be read" in instructions["detail"].replace("\\", "")
+    assert "Nothing needs to be documented" in instructions["detail"]
 
 
 def test_facts_read_from_free_text_are_said_on_the_card(service: CoverageService) -> None:

@@ -243,3 +243,25 @@ def test_audit_record_says_which_version_answered(sqlite_url: str, monkeypatch: 
         monkeypatch.setattr(store, "submit_audit", capture)
         assert client.post(SIGN, json=asking(version)).status_code == 200
     assert [r.crd_version for r in records] == [label]
+
+
+@pytest.mark.parametrize("version", ["2.0.1", "2.2.1"])
+def test_not_assessed_orders_carry_the_technical_answer_when_data_could_not_be_read(service: CoverageService,
+                                                                                   version: str) -> None:
+    """CRD 2.2.1 resp-43: when the EHR's FHIR API fails, every coverage information of the call says so, also
+    that of an order no policy of this service assesses (here the pump's drug)."""
+    body = asking("2.2" if version == "2.2.1" else None, TRIAL)
+    for key in list(body["prefetch"]):
+        del body["prefetch"][key]
+    body.update(fhirServer=FHIR, fhirAuthorization={"access_token": "t", "token_type": "Bearer"})
+    with respx.mock(assert_all_called=False) as router:
+        router.get(url__startswith=f"{FHIR}/").mock(return_value=httpx.Response(500))
+        result = run(service, body)
+    drug = parts(result, "pumpdrug")
+    expected = "indeterminate" if version == "2.2.1" else "conditional"
+    assert drug["covered"]["valueCode"] == expected
+    assert drug["reason"]["valueCodeableConcept"]["coding"][0]["code"] == ("technical" if version == "2.2.1" else "NAV")
+    assert drug["reason"]["valueCodeableConcept"]["text"].startswith("Not assessed by this service")
+    for action in result.response["systemActions"]:
+        for ext in coverage_extensions(action["resource"]):
+            assert coverage_information_errors(ext, version) == []

@@ -65,12 +65,12 @@ def test_scenario(path: Path, service: CoverageService) -> None:
         assert "{drug}" not in str(decision.explain())
         if expected["outcome"] != "out-of-scope":
             decided.append((expected, decision))
-    # per decided order: one card (Instructions, without links, when something must be done or documented;
-    # else External Reference, with the policy link) and one systemAction; nothing for the rest
+    # per decided order: the card with its summary (Instructions, without links, when the decision waits on
+    # documentation; else External Reference, with the policy link), one systemAction; nothing for the rest
     def card_for(reference: str) -> dict[str, Any]:
         found: list[dict[str, Any]] = [
             c for c in cards if c["extension"]["davinci-crd.associated-resource"][0]["reference"] == reference]
-        assert len(found) == 1, found
+        assert len(found) == 1, found  # the scenarios' records hold a Coverage and can be read
         return found[0]
 
     assert len(cards) == len(decided)

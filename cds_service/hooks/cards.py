@@ -1,16 +1,16 @@
 """CDS Hooks cards for coverage decisions, worded by the Jinja templates in ``cards/``.
 
-One card per decided order, with one clear summary for the clinician (status, what and which policy), of
-one of the CRD card types (CRD 2.0.1 "External Reference" and "Instructions" response types; the coverage
-information itself is a systemAction, not a card):
+Per decided order, one clear summary for the clinician (status, what and which policy), on a card of one of
+the CRD card types (CRD 2.0.1 "External Reference" and "Instructions" response types; the coverage information
+itself is a systemAction, not a card):
 
-- an **Instructions** card whenever something must be done or documented: the order is conditional on
-  information the record lacks (what to document, item by item), or on data that could not be read (what,
-  and to ask again), or no Coverage of the patient was found (record it). Then why, the evidence, and the
-  policy named in the text (an Instructions card carries no ``links``);
-- otherwise an **External Reference** card: why, the evidence used, and a link to the policy.
-
-One card per order keeps the EHR's view readable (the CDS Hooks sandbox shows cards one under another).
+- when the decision waits on documentation (conditional on clinical information the record lacks), one
+  **Instructions** card: what to document, item by item, then why, the evidence, and the policy named in its
+  text (an Instructions card carries no ``links``). One card keeps the EHR's view readable (the CDS Hooks
+  sandbox shows one card per order there);
+- otherwise an **External Reference** card (why, the evidence used, the policy link), followed by an
+  **Instructions** card, without links, when something else must be done: data that could not be read (what,
+  and to ask again), or no Coverage of the patient was found (record it).
 
 Text that comes from the EHR or the record is made inert markdown (no links, images, HTML, emphasis,
 and no autolinks: bare URLs, ``www.`` names and e-mail addresses stay text) and is clipped, so a card
@@ -83,22 +83,22 @@ class CardRenderer:
         self.summary_template = self.env.get_template("summary.txt.j2")
         self.detail_template = self.env.get_template("detail.md.j2")
         self.instructions_template = self.env.get_template("instructions.md.j2")
+        self.instructions_summary_template = self.env.get_template("instructions-summary.txt.j2")
 
     def summary(self, decision: Decision) -> str:
         return _one_line(self.summary_template.render(d=decision, status=decision.outcome.value))
 
     @staticmethod
-    def needs_instructions(decision: Decision, coverage_known: bool) -> bool:
-        """Something must be done or documented: the decision is conditional on something missing
-        (information to document, or data that could not be read), or the patient's Coverage is unknown."""
-        return (decision.outcome is Outcome.CONDITIONAL and bool(decision.missing)) or not coverage_known
+    def documentation_needed(decision: Decision) -> bool:
+        """The decision waits on clinical information to document (not on data that could not be read)."""
+        return decision.outcome is Outcome.CONDITIONAL and bool(decision.missing) and not decision.technical
 
     def cards(self, decision: Decision, *, trigger_label: str, order_label: str, payer_name: str,
               policy_url: str, advisory_only: bool, topic: Mapping[str, str], coverage_known: bool = True,
               notes: list[str] | None = None) -> list[dict[str, Any]]:
-        """The card for one decision: an Instructions card when something must be done or documented, else an
-        External Reference card. ``coverage_known`` is false when no Coverage of the patient was found."""
-        instructions = self.needs_instructions(decision, coverage_known)
+        """The cards for one decision (see the module's description). ``coverage_known`` is false when no
+        Coverage of the patient was found."""
+        documentation = self.documentation_needed(decision)
         evidence = decision.evidence[:MAX_EVIDENCE]
         values = {
             "d": decision,
@@ -111,26 +111,38 @@ class CardRenderer:
             "evidence": evidence,
             "more_evidence": len(decision.evidence) - len(evidence),
             "notes": decision.notes if notes is None else notes,
-            "instructions": instructions,
+            "instructions": documentation,
             "coverage_known": coverage_known,
             "policy_url": policy_url,
         }
-        card: dict[str, Any] = {
+        source = {"label": payer_name, "topic": dict(topic)}
+        associated = {"davinci-crd.associated-resource": [{"reference": decision.order_reference}]}
+        main: dict[str, Any] = {
             "uuid": str(uuid.uuid4()),
             "summary": self.summary(decision),
-            "detail": "",
+            "detail": self.detail_template.render(**values),
             "indicator": "warning" if decision.outcome is Outcome.NOT_COVERED else "info",
-            "source": {"label": payer_name, "topic": dict(topic)},
+            "source": source,
         }
-        if instructions:
-            todo = self.instructions_template.render(**values)
-            card["detail"] = self._markdown(todo + "\n\n" + self.detail_template.render(**values))
-        else:
-            card["detail"] = self._markdown(self.detail_template.render(**values))
-            card["links"] = [{"label": f"{decision.policy_id}: {decision.policy_title}", "url": policy_url,
-                              "type": "absolute"}]
-        card["extension"] = {"davinci-crd.associated-resource": [{"reference": decision.order_reference}]}
-        return [card]
+        if documentation:  # one Instructions card: what to document first, then the rest
+            main["detail"] = self._markdown(self.instructions_template.render(**values) + "\n\n" + main["detail"])
+            main["extension"] = associated
+            return [main]
+        main["detail"] = self._markdown(main["detail"])
+        main["links"] = [{"label": f"{decision.policy_id}: {decision.policy_title}", "url": policy_url,
+                          "type": "absolute"}]
+        main["extension"] = associated
+        out = [main]
+        if decision.technical or not coverage_known:
+            out.append({
+                "uuid": str(uuid.uuid4()),
+                "summary": _one_line(self.instructions_summary_template.render(**values)),
+                "detail": self._markdown(self.instructions_template.render(**values)),
+                "indicator": "info",
+                "source": source,
+                "extension": associated,
+            })
+        return out
 
     @staticmethod
     def _markdown(text: str) -> str:

@@ -68,18 +68,22 @@ def coverage_information(
 
 
 def not_assessed_information(*, version: CrdVersion, assertion_id: str, date: str, coverage: Mapping[str, Any],
-                             reason: str) -> dict[str, Any]:
+                             reason: str, technical: bool = False) -> dict[str, Any]:
     """The extension for an order on a primary hook that no policy of this service assesses (CRD hook-16:
     every answer on a primary hook carries coverage information): the version's "not determined here"
-    answer, with the reason in text and nothing asked of the clinician."""
-    covered = version.not_assessed_covered
+    answer, with the reason in text and nothing asked of the clinician. ``technical``: the EHR's data (the
+    patient's Coverage among it) could not be read for this call: the version's technical answer."""
+    covered = version.technical_covered if technical else version.not_assessed_covered
     parts: list[dict[str, Any]] = [{"url": "coverage", "valueReference": dict(coverage)},
                                    {"url": "covered", "valueCode": covered}]
     if covered == "conditional":
         parts.append({"url": "pa-needed", "valueCode": "conditional"})  # crd-ci-q2 in 2.0.1: not not-covered
         if "covered" in version.info_needed_when:
             parts.append({"url": "info-needed", "valueCode": "OTH"})
-    parts += [{"url": "reason", "valueCodeableConcept": {"text": reason}},
+    reason_concept: dict[str, Any] = {"text": reason}
+    if technical:
+        reason_concept["coding"] = [dict(version.technical_reason)]
+    parts += [{"url": "reason", "valueCodeableConcept": reason_concept},
               {"url": "date", "valueDate": date},
               {"url": "coverage-assertion-id", "valueString": assertion_id}]
     return {"url": EXT_COVERAGE_INFORMATION, "extension": parts}

@@ -211,6 +211,18 @@ def check_order(resource: Mapping[str, Any], reader: Callable[[Mapping[str, Any]
     return check
 
 
+def valid_r4(resource: Mapping[str, Any]) -> bool:
+    """Whether ``resource`` is a valid FHIR R4 resource (as sent: its single objects are not made lists)."""
+    model = _model_of(resource.get("resourceType"))
+    if model is None:
+        return False
+    try:
+        model.model_validate(resource)
+    except (ValidationError, RecursionError, TypeError, ValueError):
+        return False
+    return True
+
+
 def unreadable_decision(policy_id: str, policy_title: str, order_reference: str,
                         faults: Sequence[str]) -> Decision:
     """The decision for an order a policy governs but whose elements the decision reads are not valid

@@ -39,7 +39,7 @@ from .hook_orders import (
     type_and_id,
 )
 from .payer import PayerIdentifier, payer_problem
-from .reading import as_r4_lists, check_order, unreadable_decision
+from .reading import as_r4_lists, check_order, unreadable_decision, valid_r4
 from .request import HookRequest, RequestError, parse_hook_request
 from .scopes import parse_scopes
 from .versions import declared
@@ -388,7 +388,7 @@ class CoverageService:
                     cards.append(card)
                     result.card_decisions[card["uuid"]] = assertion_id
         if request.hook in PRIMARY_HOOKS:
-            self._not_assessed(request, scope, result.decisions, annotated, coverage, today)
+            self._not_assessed(request, scope, result.decisions, annotated, coverage, today, record.unavailable)
         actions = []
         if wanted or not version.configuration_covers_system_actions:
             actions = [{"type": "update", "description": f"Add coverage information to {reference}",
@@ -397,24 +397,28 @@ class CoverageService:
         return result
 
     def _not_assessed(self, request: HookRequest, scope: Scope, decisions: Sequence[Decision],
-                      annotated: dict[str, dict[str, Any]], coverage: Mapping[str, Any], today: str) -> None:
+                      annotated: dict[str, dict[str, Any]], coverage: Mapping[str, Any], today: str,
+                      unavailable: Mapping[str, str]) -> None:
         """Coverage information for every other order of a primary hook (CRD hook-16): no policy of this
-        service assesses it, said as such, with nothing asked of the clinician."""
+        service assesses it, said as such, with nothing asked of the clinician. When the EHR's data could not
+        be read for this call, that is said too, as the version's technical answer (CRD 2.2.1 resp-43)."""
+        unread = "; ".join(f"{rtype} data could not be read ({why})" for rtype, why in sorted(unavailable.items()))
         ids = ", ".join(p.id for p in self.policies.policies)
         why = {d.order_reference: d.reason for d in decisions if not d.decided and d.reason}
         for order in scope.facts:
             reference = order.reference
             target = scope.targets.get(reference)
             shown = reference_of(target) if target is not None else reference
-            if shown in annotated or not order.id:
-                continue
+            if shown in annotated or not order.id or not valid_r4(target if target is not None else order.raw):
+                continue  # a resource that is not valid FHIR cannot be returned changed only by the extension
             reason = (f"Not assessed by this service: {why[reference]}" if reference in why else
                       f"Not assessed by this service, which decides coverage under medical policies {ids} only; "
                       "none of them applies to this order.")
+            reason += " Coverage depends on the member's benefits and the payer's other policies."
             extension = not_assessed_information(
                 version=request.version, assertion_id=new_assertion_id(), date=today,
                 coverage={"reference": order.insurance[0]} if order.insurance else coverage,
-                reason=reason + " Coverage depends on the member's benefits and the payer's other policies.")
+                reason=f"{reason} Also: {unread}." if unread else reason, technical=bool(unread))
             annotated[shown] = annotated_order(target if target is not None else order.raw, extension)
 
     def _decide(self, item: InScope, scope: Scope, unreadable: Mapping[str, list[str]],

@@ -31,7 +31,8 @@ class CrdVersion:
     #: ``covered`` when the EHR's data could not be read (2.2.1 resp-43: indeterminate)
     technical_covered: str
     #: ``covered`` for an order no policy of this service assesses (hook-16: primary hooks always carry
-    #: coverage information): 2.0.1 has only conditional (with info-needed and a reason), 2.2.1 indeterminate
+    #: coverage information): conditional, with info-needed and the reason in text (2.2.1 keeps
+    #: indeterminate for technical trouble, resp-43)
     not_assessed_covered: str
     #: the ``reason`` coding when the EHR's data could not be read
     technical_reason: Mapping[str, str]
@@ -63,7 +64,7 @@ CRD_2_2 = CrdVersion(
     label="2.2.1",
     card_topic={"system": CARD_TYPES, "code": "coverage-info", "display": "Coverage Information"},
     technical_covered="indeterminate",
-    not_assessed_covered="indeterminate",
+    not_assessed_covered="conditional",
     technical_reason={"system": CRD_TEMP, "code": "technical", "display": "Technical issue"},
     info_needed_when=frozenset({"covered", "pa-needed", "doc-needed"}),
     policy_link_detail={"category": "cat-other", "system": COVERAGE_DETAIL, "code": "policy-link",
