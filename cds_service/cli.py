@@ -12,15 +12,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ENV_CONFIG, Config, ConfigError, load_config
+from .config import ENV_CONFIG, ENV_HEADER_READ_TIMEOUT, Config, ConfigError, load_config
 from .engine.decision import Decision
 from .engine.policy import PolicyError, load_policies
-from .fhir.client import is_loopback
 from .fhir.gather import DataUnavailable
 from .hooks.request import RequestError, operation_outcome_body
 from .hooks.service import SERVICES, CoverageService, Settings
 from .jsonutil import JSONDecodeError, dumps, loads
 from .paths import data_dir
+from .urls import is_loopback
 
 if TYPE_CHECKING:
     from .storage.spool import Spool
@@ -46,6 +46,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"address, not {args.host}. Configure [auth] mode = \"jwt\" with [[auth.issuers]], "
               "or use --host 127.0.0.1.", file=sys.stderr)
         return 2
+    if config.auth.mode == "jwt" and not (config.service.public_base_url or config.auth.audiences) \
+            and not is_loopback(args.host):
+        print("refusing to start: auth.mode = \"jwt\" needs service.public_base_url (the URL EHRs call, which "
+              "tokens must name as their audience) or auth.audiences, unless the service listens on a loopback "
+              f"address (not {args.host}).", file=sys.stderr)
+        return 2
     load_policies(data_dir("policies", config.service.policies_dir))  # fail fast on a bad policy file
     # run migrations once, before any worker starts; a database that is away does not stop the service
     # (it answers hooks without one; the audit writer migrates when the database is back)
@@ -53,10 +59,14 @@ def cmd_serve(args: argparse.Namespace) -> int:
           require_database=False).close()
     if args.config:
         os.environ[ENV_CONFIG] = str(Path(args.config).resolve())
+    os.environ[ENV_HEADER_READ_TIMEOUT] = str(config.server.header_read_timeout_seconds)
     print(f"cds-service: {config.source}; storage {config.storage.url.split('@')[-1]}; auth {config.auth.mode}; "
           f"http://{args.host}:{args.port}/cds-services", file=sys.stderr)
     uvicorn.run("cds_service.web.asgi:app_from_environment", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=20)
+                workers=args.workers, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=20,
+                http="cds_service.web.protocol:LimitedHttpToolsProtocol",
+                limit_concurrency=config.server.limit_concurrency,
+                timeout_keep_alive=config.server.timeout_keep_alive_seconds)
     return 0
 
 

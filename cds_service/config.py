@@ -11,7 +11,10 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .urls import UrlError, canonical_url, loopback_or_https_problem
+
 ENV_CONFIG = "CDS_SERVICE_CONFIG"
+ENV_HEADER_READ_TIMEOUT = "CDS_SERVICE_HEADER_READ_TIMEOUT"  # set by `cds-service serve` for its workers
 DEFAULT_DATABASE = "sqlite:///cds-service.sqlite3"
 
 
@@ -35,14 +38,18 @@ class IssuerSettings:
     jwks: dict[str, Any] | None = None
     jku_allowlist: list[str] = field(default_factory=list)
     tenants: list[str] | None = None
-    fhir_server_allowlist: list[str] | None = None
+    fhir_server_allowlist: list[str] | None = None  # None: FHIR servers on the issuer's own host only
+    replay_check: bool = True
+    max_token_lifetime_seconds: int | None = None  # None: [auth] max_token_lifetime_seconds
 
 
 @dataclass
 class AuthSettings:
     mode: str = "off"
     discovery_public: bool = True
+    audiences: list[str] | None = None  # accepted aud values; default: the endpoint's URL under public_base_url
     leeway_seconds: int = 60
+    max_token_lifetime_seconds: int = 300
     jwks_cache_seconds: int = 300
     jwks_refetch_min_seconds: int = 30
     issuers: list[IssuerSettings] = field(default_factory=list)
@@ -52,6 +59,18 @@ class AuthSettings:
 class FhirSettings:
     timeout_seconds: float = 3.0
     allow_http: bool = False
+    max_total_bytes: int = 16 * 1024 * 1024  # read from FHIR servers per hook call
+    max_resources: int = 10_000  # read from FHIR servers per hook call
+
+
+@dataclass
+class ServerSettings:
+    """uvicorn's limits (``cds-service serve``) and the request body read timeout."""
+
+    limit_concurrency: int = 256  # connections + requests in progress per worker; beyond: HTTP 503
+    timeout_keep_alive_seconds: int = 5  # an idle keep-alive connection is closed after this
+    header_read_timeout_seconds: float = 10.0  # a request's headers must arrive within this
+    body_read_timeout_seconds: float = 10.0  # a request's body must arrive within this (else HTTP 408)
 
 
 @dataclass
@@ -68,12 +87,13 @@ class Config:
     service: ServiceSettings = field(default_factory=ServiceSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     fhir: FhirSettings = field(default_factory=FhirSettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
     source: str = "embedded defaults"
 
 
 _TYPES: dict[str, tuple[type, ...]] = {
-    "str": (str,), "str | None": (str,), "int": (int,), "float": (int, float), "bool": (bool,),
+    "str": (str,), "str | None": (str,), "int": (int,), "int | None": (int,), "float": (int, float), "bool": (bool,),
     "list[str]": (list,), "list[str] | None": (list,), "dict[str, Any] | None": (dict,),
 }
 
@@ -102,9 +122,9 @@ def _fill(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
 
 
 def parse_config(data: dict[str, Any], source: str) -> Config:
-    unknown = sorted(set(data) - {"service", "auth", "fhir", "storage"})
+    unknown = sorted(set(data) - {"service", "auth", "fhir", "server", "storage"})
     if unknown:
-        raise ConfigError(f"unknown section [{unknown[0]}] (known: service, auth, fhir, storage)")
+        raise ConfigError(f"unknown section [{unknown[0]}] (known: service, auth, fhir, server, storage)")
     auth_data = dict(data.get("auth", {}))
     issuers_data = auth_data.pop("issuers", [])
     if not isinstance(issuers_data, list):
@@ -115,6 +135,7 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         service=_fill(ServiceSettings, data.get("service", {}), "service"),
         auth=auth,
         fhir=_fill(FhirSettings, data.get("fhir", {}), "fhir"),
+        server=_fill(ServerSettings, data.get("server", {}), "server"),
         storage=_fill(StorageSettings, data.get("storage", {}), "storage"),
         source=source,
     )
@@ -127,17 +148,15 @@ def validate(config: Config) -> None:
         raise ConfigError('auth.mode must be "jwt" or "off"')
     if config.auth.mode == "jwt" and not config.auth.issuers:
         raise ConfigError('auth.mode = "jwt" needs at least one [[auth.issuers]]')
-    for issuer in config.auth.issuers:
-        if not issuer.jwks_url and not issuer.jwks:
-            raise ConfigError(f"auth.issuers {issuer.iss!r}: needs jwks_url or jwks")
-        if issuer.jwks_url and not issuer.jwks_url.startswith("https://") and not issuer.jwks_url.startswith(
-            ("http://127.0.0.1", "http://localhost")
-        ):
-            raise ConfigError(f"auth.issuers {issuer.iss!r}: jwks_url must use https")
+    _validate_auth(config.auth)
     if config.service.max_body_bytes <= 0:
         raise ConfigError("service.max_body_bytes must be positive")
     if not 0 < config.fhir.timeout_seconds <= 30:
         raise ConfigError("fhir.timeout_seconds must be between 0 and 30")
+    for name in ("max_total_bytes", "max_resources"):
+        if getattr(config.fhir, name) <= 0:
+            raise ConfigError(f"fhir.{name} must be positive")
+    _validate_server(config.server)
     if config.storage.audit_writer not in ("process", "thread"):
         raise ConfigError('storage.audit_writer must be "process" or "thread"')
     if not config.storage.url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
@@ -146,8 +165,60 @@ def validate(config: Config) -> None:
         raise ConfigError("storage.spool_max_bytes must be at least 65536 (it is in bytes)")
     if not 0.5 <= config.storage.database_timeout_seconds <= 60:
         raise ConfigError("storage.database_timeout_seconds must be between 0.5 and 60")
-    if config.service.public_base_url and not config.service.public_base_url.startswith(("https://", "http://")):
-        raise ConfigError("service.public_base_url must be an absolute http(s) URL")
+    if config.service.public_base_url is not None:
+        _base_url(config.service.public_base_url, "service.public_base_url")
+
+
+def _base_url(url: str, where: str) -> None:
+    try:
+        canonical = canonical_url(url)
+    except UrlError as error:
+        raise ConfigError(f"{where} must be an absolute http(s) URL: it {error}") from None
+    if "?" in canonical or "#" in url:
+        raise ConfigError(f"{where} must not carry a query or a fragment")
+
+
+def _validate_auth(auth: AuthSettings) -> None:
+    if not 0 <= auth.leeway_seconds <= 300:
+        raise ConfigError("auth.leeway_seconds must be between 0 and 300")
+    for name in ("max_token_lifetime_seconds", "jwks_cache_seconds"):
+        if getattr(auth, name) <= 0:
+            raise ConfigError(f"auth.{name} must be positive")
+    if auth.jwks_refetch_min_seconds < 0:
+        raise ConfigError("auth.jwks_refetch_min_seconds must not be negative")
+    for audience in auth.audiences or []:
+        _base_url(audience, "auth.audiences")
+    seen: set[str] = set()
+    for issuer in auth.issuers:
+        where = f"auth.issuers {issuer.iss!r}"
+        if not issuer.iss or len(issuer.iss) > 500:
+            raise ConfigError("auth.issuers: iss must be a non-empty string of at most 500 characters")
+        if issuer.iss in seen:
+            raise ConfigError(f"{where}: listed twice")
+        seen.add(issuer.iss)
+        if not issuer.jwks_url and not issuer.jwks and not issuer.jku_allowlist:
+            raise ConfigError(f"{where}: needs jwks_url, jwks or jku_allowlist")
+        if issuer.jwks is not None and not isinstance(issuer.jwks.get("keys"), list):
+            raise ConfigError(f"{where}: jwks must be a JWK Set (a table with a keys array)")
+        if issuer.jwks_url and (problem := loopback_or_https_problem(issuer.jwks_url)):
+            raise ConfigError(f"{where}: jwks_url {problem}")
+        for entry in issuer.jku_allowlist:
+            if problem := loopback_or_https_problem(entry):
+                raise ConfigError(f"{where}: jku_allowlist entry {entry!r} {problem}")
+        for entry in issuer.fhir_server_allowlist or []:
+            _base_url(entry, f"{where}: fhir_server_allowlist entry")
+        if issuer.max_token_lifetime_seconds is not None and issuer.max_token_lifetime_seconds <= 0:
+            raise ConfigError(f"{where}: max_token_lifetime_seconds must be positive")
+
+
+def _validate_server(server: ServerSettings) -> None:
+    if server.limit_concurrency < 1:
+        raise ConfigError("server.limit_concurrency must be at least 1")
+    if server.timeout_keep_alive_seconds < 1:
+        raise ConfigError("server.timeout_keep_alive_seconds must be at least 1")
+    for name in ("header_read_timeout_seconds", "body_read_timeout_seconds"):
+        if not 0 < getattr(server, name) <= 300:
+            raise ConfigError(f"server.{name} must be between 0 and 300")
 
 
 def load_config(path: str | None = None) -> Config:

@@ -17,6 +17,8 @@ PREFETCH_KEYS = {
     "Observation": "observations",
     "Procedure": "procedures",
     "MedicationStatement": "medicationStatements",
+    "MedicationRequest": "medicationRequests",
+    "Device": "devices",
     "MedicationAdministration": "medicationAdministrations",
     "AllergyIntolerance": "allergies",
     "Coverage": "coverage",
@@ -45,6 +47,9 @@ def prefetch_for(record: list[dict[str, Any]]) -> dict[str, Any]:
     """Every advertised prefetch key, each a searchset of the record's resources of its type."""
     out: dict[str, Any] = {key: searchset([]) for key in PREFETCH_KEYS.values()}
     for resource in record:
+        if resource["resourceType"] == "Medication":  # as the medication list's _include brings it
+            out["medicationRequests"]["entry"].append({"resource": resource, "search": {"mode": "include"}})
+            continue
         key = PREFETCH_KEYS.get(resource["resourceType"])
         if key:
             out[key]["entry"].append({"resource": resource})
@@ -54,11 +59,16 @@ def prefetch_for(record: list[dict[str, Any]]) -> dict[str, Any]:
 
 def hook_request(orders: list[dict[str, Any]], record: list[dict[str, Any]] | None = None, *,
                  hook: str = "order-sign", selections: list[str] | None = None,
-                 prefetch: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+                 prefetch: dict[str, Any] | None = None, draft_extra: list[dict[str, Any]] | None = None,
+                 **extra: Any) -> dict[str, Any]:
+    """A hook request for ``orders`` (the draftOrders Bundle, plus ``draft_extra`` entries such as a Medication
+    with its fullUrl), with every advertised prefetch key built from ``record``."""
+    entries = [{"fullUrl": f"urn:uuid:{uuid.uuid5(uuid.NAMESPACE_URL, o['resourceType'] + '/' + o['id'])}",
+                "resource": o} for o in orders]
     context: dict[str, Any] = {
         "userId": "Practitioner/dr1",
         "patientId": "p1",
-        "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": o} for o in orders]},
+        "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": [*entries, *(draft_extra or [])]},
     }
     if hook == "order-select":
         context["selections"] = selections or [f"{orders[0]['resourceType']}/{orders[0]['id']}"]
@@ -74,7 +84,7 @@ def hook_request(orders: list[dict[str, Any]], record: list[dict[str, Any]] | No
 
 def scenario_request(scenario: dict[str, Any]) -> dict[str, Any]:
     return hook_request(scenario["orders"], scenario["record"], hook=scenario["hook"],
-                        selections=scenario.get("selections"))
+                        selections=scenario.get("selections"), draft_extra=scenario.get("draft_extra"))
 
 
 def coverage_extension(resource: dict[str, Any]) -> dict[str, Any]:

@@ -11,12 +11,14 @@ import pytest
 import respx
 from starlette.testclient import TestClient
 
+from cds_service.fhir.client import SERVER_UNREADABLE, ReadLimits
 from cds_service.fhir.gather import DataUnavailable
 from cds_service.hooks.service import CoverageService, HookResult
+from cds_service.urls import Allowlist
 from cds_service.web.app import create_app
 
 from .conftest import make_config
-from .support import FIXTURES, load, prefetch_for, scenario_request, searchset
+from .support import FIXTURES, PREFETCH_KEYS, load, prefetch_for, scenario_request, searchset
 
 FHIR = "https://ehr.example.org/fhir"
 TOKEN = "secret-access-token-5f1b"
@@ -132,12 +134,17 @@ def test_next_link_off_the_server_is_not_followed(service: CoverageService) -> N
 @pytest.mark.parametrize(("response", "why"), [
     (httpx.Response(500), "HTTP 500"),
     (httpx.Response(401), "HTTP 401"),
+    (httpx.Response(404), "HTTP 404"),
     (httpx.Response(200, content=b"<html>not json"), "invalid JSON"),
-    (httpx.Response(200, json={"resourceType": "Patient", "id": "x"}), "did not answer with a Bundle"),
+    (httpx.Response(200, json={"resourceType": "Patient", "id": "x"}), "not a Bundle"),
     (httpx.TimeoutException("slow"), "timed out"),
-    (httpx.ConnectError("down"), "unreachable"),
+    (httpx.ConnectError("down"), "unreachable (ConnectError)"),
 ])
-def test_server_faults_give_an_honest_conditional(service: CoverageService, response: Any, why: str) -> None:
+def test_server_faults_give_an_honest_conditional(service: CoverageService, response: Any, why: str,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """The clinician learns that the EHR's FHIR server could not be read, never how it failed (a status or
+    an exception name would make the card a port scanner's oracle); the log keeps the detail."""
+    caplog.set_level(logging.WARNING, logger="cds_service.fhir")
     body = with_server(scenario_request(TRIAL), drop=("observations",))
     with respx.mock(assert_all_called=False) as router:
         route = router.get(url__startswith=f"{FHIR}/Observation?")
@@ -149,18 +156,21 @@ def test_server_faults_give_an_honest_conditional(service: CoverageService, resp
     decision = pump_decision(result)
     assert decision.outcome.value == "conditional"
     assert decision.rule_id == "data-unavailable"
-    assert why in decision.technical["Observation"]
+    assert decision.technical["Observation"] == SERVER_UNREADABLE
     action = result.response["systemActions"][0]["resource"]
     ext = {e["url"]: e for e in action["extension"][0]["extension"]}
     assert ext["covered"]["valueCode"] == "conditional"
     assert ext["reason"]["valueCodeableConcept"]["coding"][0]["code"] == "technical"
     assert "info-needed" in ext and "doc-needed" not in ext
     assert "could not be read" in result.response["cards"][0]["detail"]
+    assert why in caplog.text
+    assert why.split(" (")[0] not in str(result.response) and why not in str(decision.explain())
 
 
 @pytest.mark.parametrize("declared", [True, False], ids=["content-length", "chunked"])
 def test_oversized_page_is_a_fault_not_data(service: CoverageService, monkeypatch: pytest.MonkeyPatch,
-                                            declared: bool) -> None:
+                                            declared: bool, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="cds_service.fhir")
     monkeypatch.setattr("cds_service.fhir.client.MAX_PAGE_BYTES", 4096)
     page = httpx.Response(200, json=searchset(by_type("Observation") * 40)).content
     assert len(page) > 4096
@@ -176,13 +186,15 @@ def test_oversized_page_is_a_fault_not_data(service: CoverageService, monkeypatc
         result = run(service, body)
     decision = pump_decision(result)
     assert decision.outcome.value == "conditional" and decision.rule_id == "data-unavailable"
-    assert "more than 4096 bytes" in decision.technical["Observation"]
+    assert decision.technical["Observation"] == SERVER_UNREADABLE
+    assert "more than 4096 bytes in one page" in caplog.text
 
 
-def test_slow_server_is_cut_at_the_time_budget(policies: Any) -> None:
+def test_slow_server_is_cut_at_the_time_budget(policies: Any, caplog: pytest.LogCaptureFixture) -> None:
     from cds_service.hooks.service import Settings
     from cds_service.paths import data_dir
 
+    caplog.set_level(logging.WARNING, logger="cds_service.fhir")
     fast = CoverageService(policies, data_dir("cards"), Settings(fhir_timeout_seconds=0.2))
     body = with_server(scenario_request(TRIAL), drop=("observations",))
 
@@ -193,7 +205,8 @@ def test_slow_server_is_cut_at_the_time_budget(policies: Any) -> None:
     with respx.mock(assert_all_called=False) as router:
         router.get(url__startswith=f"{FHIR}/Observation?").mock(side_effect=slow)
         result = run(fast, body)
-    assert pump_decision(result).technical["Observation"].startswith("timed out")
+    assert pump_decision(result).technical["Observation"] == SERVER_UNREADABLE
+    assert "timed out after 0.2 s" in caplog.text
 
 
 def test_unreadable_data_the_decision_did_not_use_keeps_it_firm(service: CoverageService) -> None:
@@ -268,3 +281,116 @@ def test_token_is_never_logged_or_stored(sqlite_url: str, caplog: pytest.LogCapt
     assert TOKEN not in str(records)
     assert TOKEN not in caplog.text
     assert TOKEN not in repr(store.__dict__)
+
+
+# --- hardening (issue 15) -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("server", [
+    f"{FHIR}/../admin",
+    f"{FHIR}/%2e%2e/admin",
+    f"{FHIR}/..%2Fadmin",
+])
+def test_fhir_server_dot_segments_cannot_escape_the_allowlist(service: CoverageService, server: str) -> None:
+    body = with_server(scenario_request(TRIAL), drop=("observations",))
+    body["fhirServer"] = server
+    with respx.mock(assert_all_called=False) as router:
+        anything = router.route()
+        with pytest.raises(DataUnavailable):
+            asyncio.run(service.handle(SIGN, body, "https://cds.example.org", Allowlist((FHIR,))))
+    assert not anything.called
+
+
+def test_paging_link_dot_segments_are_not_followed(service: CoverageService) -> None:
+    body = with_server(scenario_request(TRIAL), drop=("observations",))
+    escape = f"{FHIR}/../admin/Observation?page=2"
+    page1 = {**searchset(by_type("Observation")), "link": [{"relation": "next", "url": escape}]}
+    with respx.mock(assert_all_called=False) as router:
+        router.get(url__startswith=f"{FHIR}/Observation?").mock(return_value=httpx.Response(200, json=page1))
+        admin = router.route(path__startswith="/admin")
+        result = run(service, body)
+    assert not admin.called
+    assert pump_decision(result).technical["Observation"] == SERVER_UNREADABLE
+
+
+def test_unusable_paging_link_is_reported_as_such_not_as_a_timeout(service: CoverageService,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="cds_service.fhir")
+    body = with_server(scenario_request(TRIAL), drop=("observations",))
+    page1 = {**searchset(by_type("Observation")), "link": [{"relation": "next", "url": f"{FHIR}/Obs\x01?page=2"}]}
+    with respx.mock(assert_all_called=False) as router:
+        router.get(url__startswith=f"{FHIR}/Observation?").mock(return_value=httpx.Response(200, json=page1))
+        result = run(service, body)
+    assert pump_decision(result).outcome.value == "conditional"
+    assert "a paging link is not usable: it contains a control character" in caplog.text
+    assert "timed out" not in caplog.text
+
+
+def test_every_query_value_is_encoded(service: CoverageService) -> None:
+    body = with_server(scenario_request(TRIAL), drop=("observations",))
+    patient = "p1&code=x,y|z#frag"
+    body["context"]["patientId"] = patient
+    with respx.mock(assert_all_called=False) as router:
+        mock_searches(router)
+        run(service, body)
+        (call,) = router.calls
+    assert call.request.url.params.get_list("patient") == [patient]
+    assert "http://loinc.org|72514-3" in call.request.url.params["code"]
+    assert len(call.request.url.params.get_list("code")) == 1
+
+
+def test_total_read_from_the_fhir_server_is_capped_per_call(policies: Any) -> None:
+    """Seven searches of many pages each would read far more than one call may: the searches past the cap
+    are a named technical gap, and the decision conditional, never a crash or unbounded memory."""
+    from cds_service.hooks.service import Settings
+    from cds_service.paths import data_dir
+
+    limits = ReadLimits(max_total_bytes=64 * 1024, max_resources=1000)
+    capped = CoverageService(policies, data_dir("cards"), Settings(fhir_limits=limits))
+    body = with_server(scenario_request(TRIAL), drop=tuple(body_key for body_key in PREFETCH_KEYS.values()))
+    filler = [{**by_type("Observation")[0], "id": f"o{n}"} for n in range(60)]
+
+    def endless(request: httpx.Request) -> httpx.Response:
+        page = int(request.url.params.get("page", "1"))
+        rtype = request.url.path.rsplit("/", 1)[-1]
+        resources = [{**r, "resourceType": rtype} for r in filler]
+        return httpx.Response(200, json={**searchset(resources), "link": [
+            {"relation": "next", "url": f"{FHIR}/{rtype}?patient=p1&page={page + 1}"}]})
+
+    with respx.mock(assert_all_called=False) as router:
+        route = router.route(url__startswith=FHIR).mock(side_effect=endless)
+        result = run(capped, body)
+    page_size = min(len(call.response.content) for call in route.calls)
+    searches = len(PREFETCH_KEYS)
+    assert route.call_count <= searches + limits.max_total_bytes // page_size  # not every search x 20 pages
+    gaps = pump_decision(result).technical
+    assert gaps and all("more data than this service reads for one call" in why for why in gaps.values())
+    assert pump_decision(result).outcome.value == "conditional"
+
+
+def test_resource_count_is_capped_per_call(policies: Any) -> None:
+    from cds_service.hooks.service import Settings
+    from cds_service.paths import data_dir
+
+    capped = CoverageService(policies, data_dir("cards"), Settings(fhir_limits=ReadLimits(max_resources=50)))
+    body = with_server(scenario_request(TRIAL), drop=("observations",))
+    many = [{**by_type("Observation")[0], "id": f"o{n}"} for n in range(51)]
+    with respx.mock(assert_all_called=False) as router:
+        router.get(url__startswith=f"{FHIR}/Observation?").mock(return_value=httpx.Response(200, json=searchset(many)))
+        result = run(capped, body)
+    assert "at most" in pump_decision(result).technical["Observation"]
+
+
+@pytest.mark.parametrize("entry", [5, "x", True, {"resource": {"resourceType": "Observation"}}])
+def test_prefetch_bundle_whose_entry_is_not_an_array(service: CoverageService, client: TestClient,
+                                                     entry: Any) -> None:
+    """Unreadable prefetch data is read from the FHIR server when there is one, else the call is a 412."""
+    body = with_server(scenario_request(TRIAL))
+    body["prefetch"]["observations"] = {"resourceType": "Bundle", "type": "searchset", "entry": entry}
+    with respx.mock(assert_all_called=False) as router:
+        mock_searches(router)
+        result = run(service, body)
+        assert [c.request.url.path for c in router.calls] == ["/fhir/Observation"]
+    assert pump_decision(result).outcome.value == "covered"
+    del body["fhirServer"], body["fhirAuthorization"]
+    response = client.post(f"/cds-services/{SIGN}", json=body)
+    assert response.status_code == 412 and response.json()["resourceType"] == "OperationOutcome"

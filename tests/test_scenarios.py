@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 from fhir.resources.R4B import get_fhir_model_class
 
+from cds_service.engine.decision import GAP_KINDS
 from cds_service.hooks.cards import escape_markdown
 from cds_service.hooks.service import CoverageService, HookResult
 
@@ -25,7 +26,8 @@ def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 def test_scenario_fixtures_are_valid_fhir(path: Path) -> None:
     scenario = load(path)
-    for resource in [*scenario["orders"], *scenario["record"]]:
+    extra = [e["resource"] for e in scenario.get("draft_extra", [])]
+    for resource in [*scenario["orders"], *scenario["record"], *extra]:
         get_fhir_model_class(resource["resourceType"]).model_validate(resource)
 
 
@@ -49,7 +51,15 @@ def test_scenario(path: Path, service: CoverageService) -> None:
         if "missing_contains" in expected:
             assert any(expected["missing_contains"] in m for m in decision.missing), decision.missing
         if "reason_contains" in expected:
-            assert expected["reason_contains"] in decision.reason
+            assert expected["reason_contains"] in decision.reason, decision.reason
+        if "missing_count" in expected:
+            assert len(decision.missing) == expected["missing_count"], decision.missing
+        if "text_read" in expected:
+            assert bool(decision.text_read) is expected["text_read"], decision.text_read
+        if decision.outcome.value == "conditional":  # what is missing is structured, for documentation forms
+            kinds = [g.kind for g in decision.gaps]
+            assert kinds and all(k in GAP_KINDS and k != "other" for k in kinds), decision.gaps
+        assert len(decision.evidence) == len(set(decision.evidence)), "repeated evidence lines"
         if expected["outcome"] != "out-of-scope":
             decided.append((expected, decision))
     # exactly one card and one systemAction per decided order, and nothing for the rest

@@ -1,42 +1,151 @@
-"""What a criterion can see while a policy decides one order: the order, the other draft orders,
-the patient's record, the indication under consideration, and the compiled value sets."""
+"""What a criterion can see while a policy decides one order: the order, the other draft orders, the
+patient's record, the indication under consideration, and the compiled value sets.
+
+One :class:`DecisionScope` is shared by every candidate indication of one decision: which resource types
+were consulted (a type that could not be read makes the decision non-firm only if it was consulted), results
+of criteria that do not depend on the indication (computed once), and what was read from free text.
+"""
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ..fhir.record import PatientRecord
 from ..terminology import CodeSystems, Coding, Concept, ValueSet
-from .orders import OrderFacts
+from .dates import as_utc
+from .decision import Result
+from .orders import DrugFacts, Medications, OrderFacts, drug_facts
 
-INACTIVE_VERIFICATION = frozenset({"entered-in-error", "refuted"})
-ACTIVE_CLINICAL = frozenset({"active", "recurrence", "relapse"})
+
+@dataclass(frozen=True)
+class StatusRule:
+    """Which Conditions count for a criterion: the clinical statuses it accepts, and whether a Condition
+    without a clinical status counts ("yes", or "unless-abated": only while it has no abatement)."""
+
+    name: str
+    clinical: frozenset[str]
+    without_clinical_status: str
+
+
+@dataclass(frozen=True)
+class ConditionStatuses:
+    """The status rules of ``policies/condition-status.yaml``."""
+
+    rules: Mapping[str, StatusRule]
+    never: frozenset[str]
+    question: frozenset[str]
+
+    def rule(self, name: str) -> StatusRule:
+        return self.rules[name]
+
+
+@dataclass(frozen=True)
+class CountedCondition:
+    """A Condition that counts under a status rule; ``question`` names a verification status (e.g.
+    provisional) that makes it a question rather than an answer."""
+
+    resource: Any
+    concept: Concept
+    reference: str
+    question: str | None
 
 
 @dataclass(frozen=True)
 class Indication:
-    """One candidate indication for the order, and where it came from."""
+    """One candidate indication for the order: the coding (or text) considered, where it came from, and the
+    whole source it belongs to (all codings of the Condition or reason, for evidence such as onset)."""
 
     concept: Concept
     source: str
     reference: str
+    full: Concept
+    condition: Any | None = None
+    via_text: bool = False
+    question: str | None = None
+
+    def label(self) -> str:
+        coding = self.concept.codings[0] if self.concept.codings else None
+        name = self.concept.label()
+        return f"{name} ({coding.system}|{coding.code})" if coding and name != f"{coding.system}|{coding.code}" \
+            else name
 
 
 @dataclass
+class DecisionScope:
+    consulted: set[str] = field(default_factory=set)
+    cache: dict[int, Result] = field(default_factory=dict)
+    #: shared intermediate results (e.g. the pain scores read once for several criteria)
+    memo: dict[str, Any] = field(default_factory=dict)
+    text_read: list[str] = field(default_factory=list)
+
+    def read_text(self, what: str) -> None:
+        if what not in self.text_read:
+            self.text_read.append(what)
+
+
+@dataclass(frozen=True)
 class EvaluationContext:
     systems: CodeSystems
     value_sets: Mapping[str, ValueSet]
     order: OrderFacts
     draft_orders: Sequence[OrderFacts]
     record: PatientRecord
-    indication: Indication | None
+    statuses: ConditionStatuses
+    today: dt.datetime
+    medications: Medications
+    scope: DecisionScope = field(default_factory=DecisionScope)
+    indication: Indication | None = None
     implied_route: str | None = None
+    maintenance: bool = False
 
-    def value_set(self, name: str) -> ValueSet:
-        return self.value_sets[name]
+    def with_indication(self, indication: Indication | None) -> EvaluationContext:
+        return dataclasses.replace(self, indication=indication)
+
+    @property
+    def order_date(self) -> dt.datetime:
+        return self.order.authored or self.today
+
+    # --- the record -----------------------------------------------------------------------------
+
+    def resources(self, resource_type: str) -> list[Any]:
+        """Validated resources of one type (invalid ones are skipped and named by the record)."""
+        self.scope.consulted.add(resource_type)
+        return self.record.get(resource_type)
+
+    def raw_resources(self, resource_type: str) -> list[Mapping[str, Any]]:
+        self.scope.consulted.add(resource_type)
+        return self.record.raw_of_type(resource_type)
+
+    def validated(self, raw: Mapping[str, Any]) -> Any | None:
+        return self.record.validated(raw)
+
+    def is_draft_order(self, raw: Mapping[str, Any]) -> bool:
+        """A resource of the current call's draft orders (by type and id), or a draft: never history."""
+        if raw.get("status") == "draft":
+            return True
+        rid = raw.get("id")
+        return isinstance(rid, str) and any(
+            o.id == rid and o.resource_type == raw.get("resourceType") for o in self.draft_orders)
+
+    def history(self, resource_type: str) -> Iterator[tuple[Mapping[str, Any], Any]]:
+        """Valid resources of one type that are the patient's history: not entered in error, and not one of
+        this call's draft orders. Yields the JSON and the validated model."""
+        for raw in self.raw_resources(resource_type):
+            if raw.get("status") == "entered-in-error" or self.is_draft_order(raw):
+                continue
+            model = self.validated(raw)
+            if model is not None:
+                yield raw, model
+
+    def drug(self, raw: Mapping[str, Any]) -> DrugFacts:
+        """The drug of a medication resource of the record (its Medication resolved when it can be)."""
+        if isinstance(raw.get("medicationReference"), Mapping):
+            self.scope.consulted.add("Medication")
+        return drug_facts(self.systems, raw, self.medications)
 
     def concept(self, model: Any) -> Concept:
         """A :class:`Concept` from a fhir.resources CodeableConcept (or None)."""
@@ -49,39 +158,34 @@ class EvaluationContext:
                 codings.append(Coding(short or (coding.system or ""), coding.code.strip(), coding.display))
         return Concept(codings=tuple(codings), text=model.text)
 
-    def medication_concepts(self, resource: Any) -> list[Concept]:
-        """The drug of a MedicationStatement/MedicationAdministration: its code, or the referenced
-        Medication's code and ingredients (contained or in the record)."""
-        concepts = [self.concept(resource.medicationCodeableConcept)]
-        ref = resource.medicationReference.reference if resource.medicationReference else None
-        medication = None
-        if ref and ref.startswith("#"):
-            medication = next((c for c in resource.contained or [] if getattr(c, "id", None) == ref[1:]), None)
-        elif ref:
-            medication = self.record.resolve(ref)
-            self.record.consulted.add("Medication")
-        if medication is not None:
-            concepts.append(self.concept(getattr(medication, "code", None)))
-            for ingredient in getattr(medication, "ingredient", None) or []:
-                concepts.append(self.concept(ingredient.itemCodeableConcept))
-        return [c for c in concepts if c.codings or c.text]
-
-    def active_conditions(self) -> Iterator[tuple[Any, Concept]]:
-        """Conditions that are active: entered-in-error and refuted ones are ignored, resolved and
-        inactive ones are not active. A Condition without clinicalStatus counts as active unless it
-        has an abatement."""
-        for condition in self.record.of_type("Condition"):
+    def conditions(self, status: str) -> Iterator[CountedCondition]:
+        """Conditions that count under the status rule ``status`` (see condition-status.yaml)."""
+        rule = self.statuses.rule(status)
+        for condition in self.resources("Condition"):
             verification = status_code(condition.verificationStatus)
-            if verification in INACTIVE_VERIFICATION:
+            if verification in self.statuses.never:
                 continue
             clinical = status_code(condition.clinicalStatus)
             if clinical is None:
-                if condition.abatementDateTime or condition.abatementPeriod or condition.abatementString \
-                        or condition.abatementAge or condition.abatementRange:
+                if rule.without_clinical_status == "unless-abated" and abated(condition):
                     continue
-            elif clinical not in ACTIVE_CLINICAL:
+            elif clinical not in rule.clinical:
                 continue
-            yield condition, self.concept(condition.code)
+            question = verification if verification in self.statuses.question else None
+            yield CountedCondition(condition, self.concept(condition.code), reference_of(condition), question)
+
+    def onset(self, condition: Any) -> dt.datetime | None:
+        """When a Condition began (onsetDateTime, onsetPeriod.start), or None."""
+        moment = as_utc(getattr(condition, "onsetDateTime", None))
+        period = getattr(condition, "onsetPeriod", None)
+        if moment is None and period is not None:
+            moment = as_utc(period.start)
+        return moment
+
+
+def abated(condition: Any) -> bool:
+    return bool(condition.abatementDateTime or condition.abatementPeriod or condition.abatementString
+                or condition.abatementAge or condition.abatementRange)
 
 
 def status_code(concept: Any) -> str | None:
@@ -98,36 +202,14 @@ def reference_of(resource: Any) -> str:
     return f"{resource.get_resource_type()}/{resource.id}" if resource.id else f"{resource.get_resource_type()}/(no id)"
 
 
-def as_utc(value: Any) -> dt.datetime | None:
-    """A FHIR date/dateTime (date, naive or aware datetime, or ISO text) as an aware UTC datetime."""
-    if value is None:
-        return None
-    if isinstance(value, str):
-        try:
-            value = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
-        except ValueError:
-            try:
-                value = dt.date.fromisoformat(value[:10])
-            except ValueError:
-                return None
-    if isinstance(value, dt.datetime):
-        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
-    if isinstance(value, dt.date):
-        return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
-    return None
-
-
-def period_of(resource: Any, prefix: str) -> tuple[dt.datetime | None, dt.datetime | None]:
-    """Start and end of ``{prefix}DateTime`` / ``{prefix}Period`` on a resource."""
-    moment = as_utc(getattr(resource, f"{prefix}DateTime", None))
-    if moment is not None:
-        return moment, moment
-    period = getattr(resource, f"{prefix}Period", None)
-    if period is None:
-        return None, None
-    start, end = as_utc(period.start), as_utc(period.end)
-    return start or end, end or start
+def raw_reference(raw: Mapping[str, Any]) -> str:
+    rid = raw.get("id")
+    return f"{raw.get('resourceType')}/{rid}" if isinstance(rid, str) and rid else f"{raw.get('resourceType')}/(no id)"
 
 
 def references(items: Sequence[Any] | None) -> list[str]:
     return [r.reference for r in items or [] if getattr(r, "reference", None)]
+
+
+def same_reference(a: str, b: str) -> bool:
+    return a == b or a.endswith("/" + b) or b.endswith("/" + a)

@@ -21,6 +21,10 @@ class Outcome(enum.StrEnum):
     CONDITIONAL = "conditional"
     OUT_OF_SCOPE = "out-of-scope"
 
+    @property
+    def firm(self) -> bool:
+        return self in (Outcome.COVERED, Outcome.NOT_COVERED)
+
 
 @dataclass(frozen=True)
 class Evidence:
@@ -30,24 +34,60 @@ class Evidence:
     finding: str
 
 
+@dataclass(frozen=True)
+class Gap:
+    """Something a decision depends on that the record does not show: the full text for the clinician, a
+    short label for one-line summaries, and what kind of fact it is (``kind``, one of ``GAP_KINDS``; ``about``
+    names the value sets it concerns), so that a documentation form can ask for exactly it."""
+
+    text: str
+    label: str | None = None
+    kind: str = "other"
+    about: str | None = None
+
+
+#: the kinds of missing facts the engine reports (a documentation form maps each to its items)
+GAP_KINDS = frozenset({
+    "indication", "indication-coding", "diagnosis-confirmation", "diagnosis", "route", "drug", "pump-drug",
+    "trial", "pain-duration", "pain-severity", "drug-failure", "technical", "other",
+})
+
+
+@dataclass(frozen=True)
+class Failure:
+    """Why a criterion is not met, worded for the card (a one-line summary and a sentence)."""
+
+    summary: str
+    reason: str
+
+
 @dataclass
 class Result:
+    """A criterion's answer, with the evidence behind it, what is missing (when unknown) and why it is not
+    met (when the criterion can say)."""
+
     status: Status
     evidence: list[Evidence] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
+    gaps: list[Gap] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    failure: Failure | None = None
+
+    @property
+    def missing(self) -> list[str]:
+        return [g.text for g in self.gaps]
 
     @staticmethod
     def met(*evidence: Evidence, notes: list[str] | None = None) -> Result:
         return Result(Status.MET, list(evidence), notes=notes or [])
 
     @staticmethod
-    def not_met(*evidence: Evidence, notes: list[str] | None = None) -> Result:
-        return Result(Status.NOT_MET, list(evidence), notes=notes or [])
+    def not_met(*evidence: Evidence, notes: list[str] | None = None, failure: Failure | None = None) -> Result:
+        return Result(Status.NOT_MET, list(evidence), notes=notes or [], failure=failure)
 
     @staticmethod
-    def unknown(missing: str, *evidence: Evidence, notes: list[str] | None = None) -> Result:
-        return Result(Status.UNKNOWN, list(evidence), [missing], notes or [])
+    def unknown(missing: str | Gap, *evidence: Evidence, notes: list[str] | None = None) -> Result:
+        gap = missing if isinstance(missing, Gap) else Gap(missing)
+        return Result(Status.UNKNOWN, list(evidence), [gap], notes or [])
 
 
 @dataclass(frozen=True)
@@ -63,6 +103,12 @@ class RuleTrace:
     rule_id: str
     applied: bool
     criteria: list[CriterionTrace] = field(default_factory=list)
+    indication: str | None = None
+
+
+def unique(items: list[Any]) -> list[Any]:
+    """``items`` without repeats, in their first order."""
+    return list(dict.fromkeys(items))
 
 
 @dataclass
@@ -79,11 +125,15 @@ class Decision:
     summary: str
     evidence: list[Evidence] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
+    #: what is missing, structured (``missing`` holds their texts)
+    gaps: list[Gap] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     indication: str | None = None
     technical: dict[str, str] = field(default_factory=dict)
     trace: list[RuleTrace] = field(default_factory=list)
     skipped_resources: list[str] = field(default_factory=list)
+    #: facts read from free text rather than codes (said in the trace and on the card)
+    text_read: list[str] = field(default_factory=list)
 
     @property
     def decided(self) -> bool:
@@ -101,13 +151,16 @@ class Decision:
             "indication": self.indication,
             "evidence": [{"reference": e.reference, "finding": e.finding} for e in self.evidence],
             "missing": list(self.missing),
+            "gaps": [{"kind": g.kind, **({"about": g.about} if g.about else {}), "text": g.text} for g in self.gaps],
             "notes": list(self.notes),
+            "text_read": list(self.text_read),
             "technical": dict(self.technical),
             "skipped_resources": list(self.skipped_resources),
             "rules_tried": [
                 {
                     "rule": t.rule_id,
                     "applied": t.applied,
+                    **({"indication": t.indication} if t.indication else {}),
                     "criteria": [
                         {"kind": c.kind, "phase": c.phase, "status": c.status.value,
                          **({"notes": list(c.notes)} if c.notes else {})}

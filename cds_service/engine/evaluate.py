@@ -1,34 +1,67 @@
-"""Deciding one draft order under one policy: find the indication, try the rules in order, and
-turn the answers of their criteria into a traceable :class:`Decision`."""
+"""Deciding one draft order under one policy: find the candidate indications, try the rules in order for
+each, reconcile their answers, and turn them into a traceable :class:`Decision`.
+
+Several candidates that lead to the same answer give that answer; candidates that lead to different answers
+are a question for the clinician (conditional, naming them), never the more favourable answer. An indication
+read only from text, or a diagnosis recorded as provisional, never gives a firm answer: the decision is
+conditional and asks for the code or the confirmation. Patient data that could not be read makes a decision
+that consulted it conditional too.
+"""
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from ..fhir.record import PatientRecord
-from ..terminology import Concept
-from .context import EvaluationContext, Indication, reference_of
+from .context import DecisionScope, EvaluationContext, Indication
 from .criteria import evaluate_all
-from .decision import CriterionTrace, Decision, Evidence, Outcome, Result, RuleTrace, Status
-from .orders import OrderFacts
-from .policy import Policy, PolicySet, Rule, Trigger
+from .decision import CriterionTrace, Decision, Evidence, Failure, Gap, Outcome, Result, RuleTrace, Status, unique
+from .indication import Candidates, indication_candidates
+from .orders import Medications, OrderFacts
+from .policy import Policy, PolicySet, Rule, TriggerMatch
 
 INDICATION_MISSING = "indication-missing"
 INDICATION_AMBIGUOUS = "indication-ambiguous"
+INDICATION_CONFLICT = "indication-conflict"
+INDICATION_UNCODED = "indication-uncoded"
+DIAGNOSIS_UNCONFIRMED = "diagnosis-unconfirmed"
+DRUG_UNIDENTIFIED = "drug-unidentified"
 NO_RULE = "no-rule-applies"
 DATA_UNAVAILABLE = "data-unavailable"
+_OUTCOME_WORDS = {Outcome.COVERED: "covered", Outcome.NOT_COVERED: "not covered",
+                  Outcome.CONDITIONAL: "conditional", Outcome.OUT_OF_SCOPE: "outside the policy"}
 
 
 @dataclass
 class _RuleResult:
+    """What the rules gave for one candidate indication."""
+
     rule: Rule | None
     outcome: Outcome
     evidence: list[Evidence] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
+    gaps: list[Gap] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     trace: list[RuleTrace] = field(default_factory=list)
     indication: Indication | None = None
+    failure: Failure | None = None
+    engine: str | None = None  # the engine's own outcome (outcomes.yaml) when no rule decided
+
+    @property
+    def key(self) -> tuple[Outcome, str]:
+        return self.outcome, self.rule.id if self.rule else (self.engine or NO_RULE)
+
+    def describe(self) -> str:
+        label = f"'{self.indication.label()}'" if self.indication else "no indication"
+        words = _OUTCOME_WORDS[self.outcome]
+        if self.outcome is Outcome.CONDITIONAL and self.gaps:
+            needs = "; ".join(unique([g.label or g.text for g in self.gaps]))
+            return f"{label}: {words}, needs {needs}"
+        if self.outcome is Outcome.NOT_COVERED and self.failure is not None:
+            return f"{label}: {words} ({self.failure.summary})"
+        rule = self.rule.summary(self.outcome) if self.rule else ""
+        return f"{label}: {words}" + (f" ({rule})" if rule else "")
 
 
 def _trace(phase: str, criteria: Sequence[object], result: Result, trace: RuleTrace) -> None:
@@ -47,7 +80,7 @@ def _run_rules(policy: Policy, ctx: EvaluationContext) -> _RuleResult:
             if not rule.when:
                 break
             continue
-        trace = RuleTrace(rule.id, applied=False)
+        trace = RuleTrace(rule.id, applied=False, indication=ctx.indication.label() if ctx.indication else None)
         traces.append(trace)
         gate = evaluate_all(rule.when, ctx)
         _trace("when", rule.when, gate, trace)
@@ -63,135 +96,152 @@ def _run_rules(policy: Policy, ctx: EvaluationContext) -> _RuleResult:
             outcome = rule.if_not_met
         else:
             outcome = Outcome.CONDITIONAL
-        missing = list(need.missing) if need.status is Status.UNKNOWN else []
+        gaps = list(need.gaps) if need.status is Status.UNKNOWN else []
         if outcome is Outcome.CONDITIONAL:
-            missing.extend(rule.missing)
-        return _RuleResult(rule, outcome, [*gate.evidence, *need.evidence], missing,
-                           [*gate.notes, *need.notes], traces, ctx.indication)
+            gaps.extend(Gap(m, None, rule.gap_kind) for m in rule.missing)
+        failure = need.failure if need.status is Status.NOT_MET else None
+        return _RuleResult(rule, outcome, [*gate.evidence, *need.evidence], gaps, [*gate.notes, *need.notes],
+                           traces, ctx.indication, failure)
     if ctx.indication is None:
-        return _RuleResult(None, Outcome.CONDITIONAL, missing=[policy.missing_indication], trace=traces)
+        gap = Gap(policy.missing_indication, "document the indication", "indication")
+        return _RuleResult(None, Outcome.CONDITIONAL, gaps=[gap], trace=traces, engine=INDICATION_MISSING)
     return _RuleResult(None, Outcome.OUT_OF_SCOPE, trace=traces, indication=ctx.indication)
 
 
-def indication_candidates(policy: Policy, ctx: EvaluationContext) -> tuple[list[Indication], list[str]]:
-    """The order's own reasons (reasonCode and resolved reasonReference) as one indication; without
-    them, each active problem-list diagnosis that the policy recognises."""
-    notes: list[str] = []
-    order = ctx.order
-    concepts = list(order.reasons)
-    refs = []
-    for ref in order.reason_references:
-        resource = ctx.record.resolve(ref)
-        ctx.record.consulted.add("Condition")
-        if resource is not None and resource.get_resource_type() == "Condition":
-            concepts.append(ctx.concept(resource.code))
-            refs.append(reference_of(resource))
-        else:
-            notes.append(f"reasonReference {ref} could not be resolved to a Condition")
-    if concepts:
-        source = "order reasonCode" if not refs else "order reason"
-        reference = ", ".join([order.reference, *refs])
-        return [Indication(Concept.merge(concepts), source, reference)], notes
-    candidates: list[Indication] = []
-    seen: set[tuple[tuple[str, str], ...]] = set()
-    for condition, concept in ctx.active_conditions():
-        if not any(vs.match(concept) for vs in policy.recognised):
-            continue
-        key = tuple(sorted((c.system, c.code) for c in concept.codings))
-        if key in seen:
-            continue
-        seen.add(key)
-        candidates.append(Indication(concept, "active problem list", reference_of(condition)))
-    return candidates, notes
+def _capped(result: _RuleResult) -> _RuleResult:
+    """An indication read only from text, or a diagnosis that is only provisional, never gives a firm answer:
+    the decision is conditional and asks first for the code or the confirmation (then for anything else the
+    rules found missing)."""
+    indication = result.indication
+    if indication is None or result.outcome is Outcome.OUT_OF_SCOPE:
+        return result
+    would = f"once {{}}, the answer would be {_OUTCOME_WORDS[result.outcome]}" if result.outcome.firm else \
+        "other documentation is needed too"
+    if indication.via_text:
+        gap = Gap(f"a coded diagnosis (ICD-10-CM) for the indication written as '{indication.concept.label()}'; "
+                  + would.format("coded"), "code the indication", "indication-coding")
+        engine = INDICATION_UNCODED
+    elif indication.question:
+        gap = Gap(f"confirmation of the diagnosis '{indication.label()}' (recorded as {indication.question}); "
+                  + would.format("confirmed"), "confirm the diagnosis", "diagnosis-confirmation")
+        engine = DIAGNOSIS_UNCONFIRMED
+    else:
+        return result
+    notes = [*result.notes, f"the rules gave {result.outcome.value} (rule {result.rule.id if result.rule else '-'})"]
+    gaps = [gap, *(result.gaps if result.outcome is Outcome.CONDITIONAL else [])]
+    return _RuleResult(None, Outcome.CONDITIONAL, result.evidence, gaps, notes, result.trace, indication,
+                       engine=engine)
 
 
-def _describe(result: _RuleResult) -> str:
-    label = result.indication.concept.label() if result.indication else "no indication"
-    rule = result.rule.id if result.rule else "none"
-    return f"'{label}' leads to {result.outcome.value} (rule {rule})"
-
-
-def decide(policy_set: PolicySet, policy: Policy, trigger: Trigger, how: str, order: OrderFacts,
-           draft_orders: Sequence[OrderFacts], record: PatientRecord) -> Decision:
-    record.consulted = set()
-    ctx = EvaluationContext(
-        systems=policy_set.systems,
-        value_sets=policy.value_sets,
-        order=order,
-        draft_orders=draft_orders,
-        record=record,
-        indication=None,
-        implied_route=trigger.route,
-    )
-    candidates, notes = indication_candidates(policy, ctx)
-    results = []
-    options: list[Indication | None] = list(candidates) or [None]
-    for candidate in options:
-        ctx.indication = candidate
-        results.append(_run_rules(policy, ctx))
+def _reconcile(results: list[_RuleResult], candidates: Candidates) -> tuple[_RuleResult, list[str]]:
+    """One answer from the candidates' answers, and notes on the others."""
     first = results[0]
-    order_evidence = Evidence(order.reference, f"{trigger.label} order [{how}]")
-    if len({(r.outcome, r.rule.id if r.rule else None) for r in results}) == 1 or all(
-        r.outcome is results[0].outcome and r.outcome is not Outcome.CONDITIONAL for r in results
-    ):
-        chosen = first
-        rule_id = first.rule.id if first.rule else (INDICATION_MISSING if candidates == [] else NO_RULE)
-        if len(results) > 1:
-            notes.append("other problem-list indications lead to the same outcome: "
-                         + "; ".join(_describe(r) for r in results[1:]))
-        evidence = [order_evidence, *chosen.evidence]
-        missing = chosen.missing
-        outcome = chosen.outcome
-        rule = chosen.rule
+    keys = {r.key for r in results}
+    outcomes = {r.outcome for r in results}
+    if len(keys) == 1 or (len(outcomes) == 1 and first.outcome.firm):
+        notes = ["other candidate indications lead to the same outcome: " + "; ".join(r.describe() for r in results[1:])
+                 ] if len(results) > 1 else []
+        return first, notes
+    sources = {r.indication.reference for r in results if r.indication}
+    if len(sources) == 1:
+        engine = INDICATION_CONFLICT
+        text = (f"the indication: the codings of {sources.pop()} point to different decisions ("
+                + "; ".join(r.describe() for r in results) + "); correct the coding or state the indication")
+        label = "resolve conflicting codes"
     else:
-        rule = None
-        rule_id = INDICATION_AMBIGUOUS
-        outcome = Outcome.CONDITIONAL
-        chosen = _RuleResult(None, outcome)
-        evidence = [order_evidence, *(e for r in results for e in r.evidence)]
-        missing = ["the indication for this order (reasonCode): the problem list supports more than one, "
-                   "with different outcomes: " + "; ".join(_describe(r) for r in results)]
-    trace = [t for r in results for t in r.trace]
+        engine = INDICATION_AMBIGUOUS
+        where = "the order's reasons support" if candidates.from_order else "the problem list supports"
+        text = (f"the indication for this order (reasonCode): {where} more than one, with different "
+                "decisions: " + "; ".join(r.describe() for r in results))
+        label = "state the indication"
+    evidence = [e for r in results for e in r.evidence]
+    return _RuleResult(None, Outcome.CONDITIONAL, evidence, [Gap(text, label, "indication")], engine=engine), []
+
+
+def _wording(policy: Policy, result: _RuleResult, gaps: list[Gap]) -> tuple[str, str, str]:
+    """Clause, reason and summary."""
+    if result.rule is None:
+        wording = policy.outcomes[result.engine or NO_RULE]
+        values = {"policy": policy.id, "missing_indication": policy.missing_indication}
+        summary = wording.summary.format(**values)
+        if result.engine in (INDICATION_UNCODED, DIAGNOSIS_UNCONFIRMED, DRUG_UNIDENTIFIED) and gaps and gaps[0].label:
+            summary = gaps[0].label
+        return wording.clause.format(**values), wording.reason.format(**values), summary
+    rule = result.rule
+    if result.outcome is Outcome.NOT_COVERED and result.failure is not None and rule.outcome is not Outcome.NOT_COVERED:
+        return rule.clause, result.failure.reason, result.failure.summary
+    summary = rule.summary(result.outcome)
+    labels = unique([g.label for g in gaps if g.label])
+    if result.outcome is Outcome.CONDITIONAL and labels:
+        summary = "; ".join(labels[:2]) + (f" (+{len(labels) - 2} more)" if len(labels) > 2 else "")
+    return rule.clause, rule.reason(result.outcome), summary
+
+
+def decide(policy_set: PolicySet, policy: Policy, match: TriggerMatch, order: OrderFacts,
+           draft_orders: Sequence[OrderFacts], record: PatientRecord, *, today: dt.date | None = None,
+           medications: Medications | None = None) -> Decision:
+    """The policy's decision on ``order``."""
+    now = dt.datetime.now(dt.UTC)
+    moment = dt.datetime(today.year, today.month, today.day, tzinfo=dt.UTC) if today else now
+    scope = DecisionScope()
+    ctx = EvaluationContext(
+        systems=policy_set.systems, value_sets=policy.value_sets, order=order, draft_orders=draft_orders,
+        record=record, statuses=policy_set.statuses, today=moment, medications=medications or Medications(),
+        scope=scope, implied_route=match.trigger.route,
+    )
+    candidates = indication_candidates(policy.indication, ctx)
+    notes = list(candidates.notes)
+    notes.extend(f"{key} was one object where FHIR R4 has a list: read as a list of one" for key in order.lenient)
+    options: list[Indication | None] = list(candidates.items) or list(candidates.unplaced[:1]) or [None]
+    results = [_capped(_run_rules(policy, ctx.with_indication(option))) for option in options]
+    if candidates.unplaced and not candidates.items:
+        labels = ", ".join(f"'{u.label()}'" for u in candidates.unplaced)
+        for result in results:
+            result.gaps = [Gap(g.text + f" (the order's reason {labels} is not one the policy recognises)", g.label,
+                               g.kind, g.about) for g in result.gaps]
+            result.indication = None
+    chosen, more = _reconcile(results, candidates) if len(results) > 1 else (results[0], [])
+    notes.extend(more)
     notes.extend(n for r in results for n in r.notes)
-    technical = record.technical_gaps()
+    if match.unidentified_drug and chosen.outcome is not Outcome.OUT_OF_SCOPE:
+        notes.append(f"from the rest of the record the rules gave: {chosen.outcome.value}")
+        chosen = _RuleResult(None, Outcome.CONDITIONAL, chosen.evidence, [Gap(
+            f"confirmation of the drug ordered in {order.reference} ({match.how}): the decision depends on it",
+            "confirm the drug", "drug")], indication=chosen.indication, engine=DRUG_UNIDENTIFIED)
+    technical = record.technical_gaps(scope.consulted)
+    # out of scope by a rule that reads only the order (a route that is not the policy's): no data mattered
+    order_only = chosen.outcome is Outcome.OUT_OF_SCOPE and chosen.rule is not None and not chosen.rule.needs_indication
+    if technical and order_only:
+        technical = {}
     if technical:
-        notes.append(f"from the data that could be read, the rules gave: {outcome.value} (rule {rule_id})")
-        outcome = Outcome.CONDITIONAL
-        rule_id = DATA_UNAVAILABLE
-        missing = [f"{rtype} data could not be read ({why})" for rtype, why in sorted(technical.items())]
-        rule = None
-    if rule is not None:
-        clause, reason, summary = rule.clause, rule.reason(outcome), rule.summary(outcome)
-    elif rule_id == INDICATION_MISSING:
-        clause = "The policy applies according to the indication for the order."
-        reason = f"The {policy.id} decision needs {policy.missing_indication}."
-        summary = "indication for the order is not documented"
-    elif rule_id == INDICATION_AMBIGUOUS:
-        clause = "The policy applies according to the indication for the order."
-        reason = "The order states no reason, and the patient's active problems lead to different decisions."
-        summary = "state the indication for the order"
-    elif rule_id == DATA_UNAVAILABLE:
-        clause = "Coverage cannot be determined from data that could not be read."
-        reason = "Patient data the decision depends on could not be read from the EHR; coverage is not determined."
-        summary = "patient data could not be read; coverage not determined"
-    else:
-        clause = "No rule of the policy applies to this order."
-        reason = "No rule of the policy applies."
-        summary = ""
+        notes.append(f"from the data that could be read, the rules gave: {chosen.outcome.value} "
+                     f"(rule {chosen.key[1]})")
+        chosen = _RuleResult(None, Outcome.CONDITIONAL, chosen.evidence, [
+            Gap(f"{rtype} data could not be read ({why})", None, "technical")
+            for rtype, why in sorted(technical.items())],
+            indication=chosen.indication, engine=DATA_UNAVAILABLE)
+    gaps = unique(chosen.gaps)
+    clause, reason, summary = _wording(policy, chosen, gaps)
+    order_evidence = Evidence(order.reference, f"{match.trigger.label} order [{match.how}]")
+    rule_id = chosen.rule.id if chosen.rule else (chosen.engine or NO_RULE)
+    decided_for = chosen.indication if chosen.rule is not None and chosen.rule.when else None
     return Decision(
         policy_id=policy.id,
         policy_title=policy.title,
         order_reference=order.reference,
-        outcome=outcome,
+        outcome=chosen.outcome,
         rule_id=rule_id,
         clause=clause,
         reason=reason,
-        summary=summary.replace("{drug}", trigger.label),
-        evidence=evidence,
-        missing=missing,
-        notes=notes,
-        indication=chosen.indication.concept.label() if chosen.indication else None,
+        summary=summary.replace("{drug}", match.trigger.label),
+        evidence=unique([order_evidence, *chosen.evidence]),
+        missing=unique([g.text for g in gaps]),
+        gaps=gaps,
+        notes=unique(notes),
+        indication=decided_for.label() if decided_for else None,
         technical=technical,
-        trace=trace,
+        trace=[t for r in results for t in r.trace],
         skipped_resources=[f"{s.reference}: {s.reason}" for s in record.skipped],
+        text_read=list(scope.text_read),
     )
+

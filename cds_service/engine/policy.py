@@ -1,11 +1,17 @@
 """Policy files: loading, validating and compiling them into :class:`Policy` objects.
 
-Loading is strict: an unknown key, criterion kind, code system or value-set name is an error that
-names the file and the place, so that a mistyped policy never starts silently wrong.
+A policy directory holds ``mp-*.yaml`` (one policy each) and shared files: ``code-systems.yaml``,
+``shared-value-sets.yaml``, ``condition-status.yaml`` (which clinical statuses count, per criterion),
+``text-matching.yaml`` (negation cues for free text), ``outcomes.yaml`` (how the engine words the decisions no
+single rule makes) and ``valuesets/`` (FHIR ValueSet expansion files the value sets take codes from).
+
+Loading is strict: an unknown key, criterion kind, code system or value-set name is an error that names the
+file and the place, so that a mistyped policy never starts silently wrong.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,12 +19,20 @@ from typing import Any
 
 import yaml
 
-from ..terminology import CodeSystems, Concept, TerminologyError, ValueSet
-from .criteria import Criterion, CriterionError, build_criterion, walk
-from .decision import Outcome
+from ..terminology import CodeSystems, Concept, TerminologyError, TextRules, ValueSet
+from .context import ConditionStatuses, StatusRule
+from .criteria import ApprovalTable, Criterion, CriterionError, build_criterion, walk
+from .criteria.conditions import IndicationIn
+from .decision import GAP_KINDS, Outcome
+from .indication import IndicationRules, Specificity
 from .orders import OrderFacts
+from .value_set_files import Expansions, ValueSetFileError, load_value_sets
 
 ORDER_RESOURCES = frozenset({"ServiceRequest", "DeviceRequest", "MedicationRequest"})
+SHARED_FILES = ("code-systems.yaml", "shared-value-sets.yaml", "condition-status.yaml", "text-matching.yaml",
+                "outcomes.yaml")
+ENGINE_OUTCOMES = ("indication-missing", "indication-ambiguous", "indication-conflict", "indication-uncoded",
+                   "diagnosis-unconfirmed", "drug-unidentified", "data-unavailable", "no-rule-applies")
 
 
 class PolicyError(ValueError):
@@ -26,38 +40,66 @@ class PolicyError(ValueError):
 
 
 @dataclass(frozen=True)
+class TriggerMatch:
+    """How a draft order falls under a policy: the trigger, how it matched, and whether the order's drug could
+    not be identified (then the decision can only ask to confirm it)."""
+
+    trigger: Trigger
+    how: str
+    unidentified_drug: bool = False
+
+
+@dataclass(frozen=True)
 class Trigger:
-    resource: str
+    """Which draft orders a policy governs: a resource type and a value set of order codes (for a drug
+    order, its drug or ingredients); optionally a drug the order must name (an infusion order), a drug that
+    takes it out (esketamine), and the route its code implies."""
+
+    resources: tuple[str, ...]
     code_in: ValueSet
     label: str
     exclude: ValueSet | None = None
     names_drug: ValueSet | None = None
     route: str | None = None
+    unidentified_drug_route: ValueSet | None = None
 
-    def matches(self, order: OrderFacts, draft_orders: Sequence[OrderFacts]) -> str | None:
-        """How the order falls under this trigger ("system|code" or a text match), or None."""
-        if order.resource_type != self.resource:
+    def match(self, order: OrderFacts, draft_orders: Sequence[OrderFacts]) -> TriggerMatch | None:
+        if order.resource_type not in self.resources:
             return None
-        concepts = [order.code, *order.ingredients]
-        how = next((h for h in (self.code_in.match(c) for c in concepts) if h), None)
+        concepts = order.concepts()
+        how = next((f.how for f in (self.code_in.find(c) for c in concepts) if f), None)
         if how is None:
-            return None
+            return self._unidentified(order)
         if self.names_drug is not None:
             related = [o.code for o in draft_orders
                        if o.resource_type == "MedicationRequest"
                        and any(o.matches_reference(r) for r in order.related_references)]
             concepts = [*order.details, Concept(codings=(), text=order.code.text), *related]
-            drug = next((h for h in (self.names_drug.match(c) for c in concepts) if h), None)
+            drug = next((f.how for f in (self.names_drug.find(c) for c in concepts) if f), None)
             if drug is None:
                 return None
             how = f"{how}, drug {drug}"
-        if self.exclude is not None and any(self.exclude.match(c) for c in concepts):
+        if self.exclude is not None and any(self.exclude.find(c) for c in concepts):
             return None
-        return how
+        return TriggerMatch(self, how)
+
+    def _unidentified(self, order: OrderFacts) -> TriggerMatch | None:
+        """A drug order whose drug cannot be identified at all (its Medication could not be read) may still be
+        this policy's: when its route is the trigger's (or not stated). The decision then asks to confirm it."""
+        drug = order.drug
+        if self.unidentified_drug_route is None or drug is None or drug.identified:
+            return None
+        routes = [r for r in order.routes if r.codings or r.text]
+        if routes and not any(self.unidentified_drug_route.find(r) for r in routes):
+            return None
+        return TriggerMatch(self, f"drug not identified ({drug.unresolved_reference or 'no code or name'})", True)
 
 
 @dataclass(frozen=True)
 class Rule:
+    """One rule of a policy: when it applies (``when``), what the decision depends on (``require``), the
+    outcome when that is met or not met, and the clause it implements."""
+
     id: str
     clause: str
     when: tuple[Criterion, ...]
@@ -67,6 +109,8 @@ class Rule:
     summaries: Mapping[Outcome, str]
     reasons: Mapping[Outcome, str]
     missing: tuple[str, ...]
+    reasoning: str | None = None
+    gap_kind: str = "other"
 
     @property
     def needs_indication(self) -> bool:
@@ -80,8 +124,17 @@ class Rule:
         return self.reasons.get(outcome) or self.reasons.get(self.outcome, "")
 
 
+@dataclass(frozen=True)
+class Wording:
+    clause: str
+    reason: str
+    summary: str
+
+
 @dataclass
 class Policy:
+    """One policy file, compiled: what it governs, how it finds the indication, and its rules in order."""
+
     id: str
     title: str
     latest_review: str
@@ -89,25 +142,32 @@ class Policy:
     text_path: Path | None
     prior_authorization: str
     triggers: list[Trigger]
-    recognised: list[ValueSet]
-    missing_indication: str
+    indication: IndicationRules
     rules: list[Rule]
+    outcomes: Mapping[str, Wording]
     value_sets: dict[str, ValueSet] = field(default_factory=dict)
+    #: the policy id, its review date and a hash of every file that defines it
+    version: str = ""
 
-    def trigger_for(self, order: OrderFacts, draft_orders: Sequence[OrderFacts]) -> tuple[Trigger, str] | None:
+    @property
+    def missing_indication(self) -> str:
+        return self.indication.missing
+
+    def trigger_for(self, order: OrderFacts, draft_orders: Sequence[OrderFacts]) -> TriggerMatch | None:
         for trigger in self.triggers:
-            how = trigger.matches(order, draft_orders)
-            if how:
-                return trigger, how
+            found = trigger.match(order, draft_orders)
+            if found is not None:
+                return found
         return None
+
+    def criteria(self) -> list[Criterion]:
+        return [c for rule in self.rules for top in (*rule.when, *rule.require) for c in walk(top)]
 
     def reads(self) -> set[str]:
         """Resource types (besides the orders) that this policy's criteria read."""
         types = {"Condition"}  # the problem list is the fallback source of the indication
-        for rule in self.rules:
-            for top in (*rule.when, *rule.require):
-                for criterion in walk(top):
-                    types.update(criterion.reads)
+        for criterion in self.criteria():
+            types.update(criterion.reads)
         return types
 
 
@@ -116,6 +176,9 @@ class PolicySet:
     systems: CodeSystems
     policies: list[Policy]
     directory: Path
+    statuses: ConditionStatuses
+    text_rules: TextRules
+    expansion_files: list[Path] = field(default_factory=list)
 
     def get(self, policy_id: str) -> Policy | None:
         return next((p for p in self.policies if p.id == policy_id), None)
@@ -139,7 +202,11 @@ def _keys(where: str, data: Any, required: set[str], optional: set[str] = frozen
 def _text(where: str, value: Any) -> str:
     if not isinstance(value, str) or not value.strip():
         raise PolicyError(f"{where}: expected text")
-    return value.strip()
+    text = " ".join(value.split())
+    if text.count("(") != text.count(")") or text.count("[") != text.count("]"):
+        raise PolicyError(f"{where}: unbalanced brackets in {text!r} (a YAML [list] splits text at commas: "
+                          "write lists one item per line)")
+    return text
 
 
 def _outcome(where: str, value: Any) -> Outcome:
@@ -149,40 +216,51 @@ def _outcome(where: str, value: Any) -> Outcome:
         raise PolicyError(f"{where}: outcome must be one of {[o.value for o in Outcome]}, not {value!r}") from None
 
 
-def load_value_sets(where: str, data: Any, systems: CodeSystems) -> dict[str, ValueSet]:
-    if not isinstance(data, Mapping):
-        raise PolicyError(f"{where}: 'value_sets' must be a mapping")
-    out = {}
-    for name, spec in data.items():
-        place = f"{where}: value set {name!r}"
-        spec = _keys(place, spec, {"title"}, {"text", *systems.names()} )
-        codes = {k: v for k, v in spec.items() if k not in ("title", "text")}
-        for system, entries in codes.items():
-            if not isinstance(entries, list):
-                raise PolicyError(f"{place}: codes under {system!r} must be a list")
-        text = spec.get("text", [])
-        if not isinstance(text, list):
-            raise PolicyError(f"{place}: 'text' must be a list")
-        if not codes and not text:
-            raise PolicyError(f"{place}: has no codes and no text")
-        try:
-            out[str(name)] = ValueSet(str(name), _text(place, spec["title"]), systems, codes, text)
-        except TerminologyError as error:
-            raise PolicyError(f"{place}: {error}") from None
-    return out
-
-
-def _summaries(where: str, value: Any, outcome: Outcome) -> dict[Outcome, str]:
+def _by_outcome(where: str, value: Any, outcome: Outcome) -> dict[Outcome, str]:
     if value is None:
         return {}
     if isinstance(value, str):
-        return {outcome: value.strip()}
+        return {outcome: _text(where, value)}
     if isinstance(value, Mapping):
         return {_outcome(where, k): _text(f"{where}.{k}", v) for k, v in value.items()}
     raise PolicyError(f"{where}: expected text or a mapping by outcome")
 
 
-def _criteria(where: str, value: Any, lookup: Any) -> tuple[Criterion, ...]:
+def _yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as error:
+        raise PolicyError(f"{path.name}: cannot be read ({error.strerror})") from None
+    except yaml.YAMLError as error:
+        raise PolicyError(f"{path.name}: not valid YAML: {error}") from None
+
+
+class _Lookup:
+    """What criteria of one policy file can name: its value sets (and the shared ones) and its tables."""
+
+    def __init__(self, value_sets: Mapping[str, ValueSet], tables: Mapping[str, Any]) -> None:
+        self.value_sets = value_sets
+        self._table_specs = tables
+        self._tables: dict[str, ApprovalTable] = {}
+
+    def value_set(self, name: str) -> ValueSet:
+        try:
+            return self.value_sets[name]
+        except KeyError:
+            raise CriterionError(f"unknown value set {name!r}") from None
+
+    def table(self, name: str) -> Any:
+        if name not in self._tables:
+            if name not in self._table_specs:
+                raise CriterionError(f"unknown table {name!r}")
+            spec = dict(self._table_specs[name] or {})
+            if spec.pop("kind", None) != "drug_approvals":
+                raise CriterionError(f"table {name!r}: 'kind' must be drug_approvals")
+            self._tables[name] = ApprovalTable.build(name, spec, self)
+        return self._tables[name]
+
+
+def _criteria(where: str, value: Any, lookup: _Lookup) -> tuple[Criterion, ...]:
     if value is None:
         return ()
     if not isinstance(value, list):
@@ -193,75 +271,81 @@ def _criteria(where: str, value: Any, lookup: Any) -> tuple[Criterion, ...]:
         raise PolicyError(f"{where}: {error}") from None
 
 
-def load_policy(path: Path, systems: CodeSystems, shared: Mapping[str, ValueSet]) -> Policy:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as error:
-        raise PolicyError(f"{path.name}: not valid YAML: {error}") from None
-    where = path.name
-    data = _keys(where, data, {"policy", "triggers", "indication", "rules", "value_sets"})
-    head = _keys(f"{where}: policy", data["policy"], {"id", "title", "latest_review"},
-                 {"category", "text", "prior_authorization"})
-    own = load_value_sets(where, data["value_sets"], systems)
-    clash = set(own) & set(shared)
-    if clash:
-        raise PolicyError(f"{where}: value set(s) {sorted(clash)} already defined in shared-value-sets.yaml")
-    value_sets = {**shared, **own}
-
-    def lookup(name: str) -> ValueSet:
-        try:
-            return value_sets[name]
-        except KeyError:
-            raise CriterionError(f"unknown value set {name!r}") from None
-
+def _triggers(where: str, data: Any, lookup: _Lookup) -> list[Trigger]:
     triggers = []
-    for i, spec in enumerate(data["triggers"] or []):
+    for i, spec in enumerate(data or []):
         place = f"{where}: triggers[{i}]"
-        spec = _keys(place, spec, {"resource", "code_in", "label"}, {"exclude", "names_drug", "route"})
-        if spec["resource"] not in ORDER_RESOURCES:
-            raise PolicyError(f"{place}: resource must be one of {sorted(ORDER_RESOURCES)}")
+        spec = _keys(place, spec, {"resource", "code_in", "label"},
+                     {"exclude", "names_drug", "route", "unidentified_drug_route"})
+        resources = spec["resource"] if isinstance(spec["resource"], list) else [spec["resource"]]
+        if not resources or not set(resources) <= ORDER_RESOURCES:
+            raise PolicyError(f"{place}: resource must be one or more of {sorted(ORDER_RESOURCES)}")
         try:
             route = spec.get("route")
             if route is not None:
-                lookup(route)
+                lookup.value_set(route)
             triggers.append(Trigger(
-                resource=spec["resource"],
-                code_in=lookup(spec["code_in"]),
+                resources=tuple(resources),
+                code_in=lookup.value_set(spec["code_in"]),
                 label=_text(f"{place}.label", spec["label"]),
-                exclude=lookup(spec["exclude"]) if "exclude" in spec else None,
-                names_drug=lookup(spec["names_drug"]) if "names_drug" in spec else None,
+                exclude=lookup.value_set(spec["exclude"]) if "exclude" in spec else None,
+                names_drug=lookup.value_set(spec["names_drug"]) if "names_drug" in spec else None,
                 route=route,
+                unidentified_drug_route=lookup.value_set(spec["unidentified_drug_route"])
+                if "unidentified_drug_route" in spec else None,
             ))
         except CriterionError as error:
             raise PolicyError(f"{place}: {error}") from None
     if not triggers:
         raise PolicyError(f"{where}: no triggers")
+    return triggers
 
-    indication = _keys(f"{where}: indication", data["indication"], {"recognised", "missing"})
+
+def _indication(where: str, data: Any, lookup: _Lookup, rules: Sequence[Rule]) -> IndicationRules:
+    spec = _keys(f"{where}: indication", data, {"recognised", "missing"}, {"not_indications", "more_specific"})
     try:
-        recognised = [lookup(n) for n in indication["recognised"]]
+        recognised = tuple(lookup.value_set(n) for n in spec["recognised"])
+        not_indications = lookup.value_set(spec["not_indications"]) if "not_indications" in spec else None
+        specific = []
+        for i, item in enumerate(spec.get("more_specific") or []):
+            item = _keys(f"{where}: indication.more_specific[{i}]", item, {"generic", "specific"})
+            specific.append(Specificity(lookup.value_set(item["generic"]),
+                                        tuple(lookup.value_set(n) for n in item["specific"])))
     except (CriterionError, TypeError) as error:
-        raise PolicyError(f"{where}: indication.recognised: {error}") from None
+        raise PolicyError(f"{where}: indication: {error}") from None
+    gates: dict[str, ValueSet] = {vs.name: vs for vs in recognised}
+    for rule in rules:
+        for top in rule.when:
+            for criterion in walk(top):
+                if isinstance(criterion, IndicationIn):
+                    gates.update((vs.name, vs) for vs in criterion.sets)
+    return IndicationRules(recognised, tuple(gates.values()), _text(f"{where}: indication.missing", spec["missing"]),
+                           not_indications, tuple(specific))
 
+
+def _rules(where: str, data: Any, lookup: _Lookup) -> list[Rule]:
     rules = []
     seen_ids: set[str] = set()
-    for i, spec in enumerate(data["rules"] or []):
+    for i, spec in enumerate(data or []):
         place = f"{where}: rules[{i}]"
         spec = _keys(place, spec, {"id", "clause", "when", "outcome"},
-                     {"require", "if_not_met", "summary", "reason", "missing"})
+                     {"require", "if_not_met", "summary", "reason", "missing", "reasoning", "gap_kind"})
         rule_id = _text(f"{place}.id", spec["id"])
         if rule_id in seen_ids:
             raise PolicyError(f"{place}: duplicate rule id {rule_id!r}")
         seen_ids.add(rule_id)
         place = f"{where}: rule {rule_id!r}"
         outcome = _outcome(place, spec["outcome"])
-        if_not_met = _outcome(place, spec.get("if_not_met", "not-covered"))
         missing = spec.get("missing", [])
         if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
             raise PolicyError(f"{place}: 'missing' must be a list of text")
+        missing = [_text(f"{place}.missing", m) for m in missing]
         if outcome is Outcome.CONDITIONAL and not missing and not spec.get("require"):
             raise PolicyError(f"{place}: a conditional outcome must say what is 'missing'")
-        reasons = _summaries(f"{place}.reason", spec.get("reason"), outcome)
+        gap_kind = str(spec.get("gap_kind", "other"))
+        if gap_kind not in GAP_KINDS:
+            raise PolicyError(f"{place}: gap_kind must be one of {sorted(GAP_KINDS)}")
+        reasons = _by_outcome(f"{place}.reason", spec.get("reason"), outcome)
         if not reasons and outcome is not Outcome.OUT_OF_SCOPE:
             raise PolicyError(f"{place}: needs a 'reason'")
         rules.append(Rule(
@@ -270,49 +354,130 @@ def load_policy(path: Path, systems: CodeSystems, shared: Mapping[str, ValueSet]
             when=_criteria(f"{place}.when", spec["when"], lookup),
             require=_criteria(f"{place}.require", spec.get("require"), lookup),
             outcome=outcome,
-            if_not_met=if_not_met,
-            summaries=_summaries(f"{place}.summary", spec.get("summary"), outcome),
+            if_not_met=_outcome(place, spec.get("if_not_met", "not-covered")),
+            summaries=_by_outcome(f"{place}.summary", spec.get("summary"), outcome),
             reasons=reasons,
             missing=tuple(missing),
+            reasoning=_text(f"{place}.reasoning", spec["reasoning"]) if "reasoning" in spec else None,
+            gap_kind=gap_kind,
         ))
     if not rules:
         raise PolicyError(f"{where}: no rules")
+    return rules
+
+
+@dataclass
+class _Shared:
+    systems: CodeSystems
+    value_sets: dict[str, ValueSet]
+    statuses: ConditionStatuses
+    text_rules: TextRules
+    outcomes: dict[str, Wording]
+    expansions: Expansions
+    digest: str
+
+
+def load_policy(path: Path, shared: _Shared) -> Policy:
+    where = path.name
+    data = _keys(where, _yaml(path), {"policy", "triggers", "indication", "rules", "value_sets"}, {"tables"})
+    head = _keys(f"{where}: policy", data["policy"], {"id", "title", "latest_review"},
+                 {"category", "text", "prior_authorization"})
+    try:
+        own = load_value_sets(where, data["value_sets"], shared.systems, shared.expansions, shared.text_rules)
+    except ValueSetFileError as error:
+        raise PolicyError(str(error)) from None
+    clash = set(own) & set(shared.value_sets)
+    if clash:
+        raise PolicyError(f"{where}: value set(s) {sorted(clash)} already defined in shared-value-sets.yaml")
+    tables = data.get("tables") or {}
+    if not isinstance(tables, Mapping):
+        raise PolicyError(f"{where}: 'tables' must be a mapping")
+    lookup = _Lookup({**shared.value_sets, **own}, tables)
+    triggers = _triggers(where, data["triggers"], lookup)
+    rules = _rules(where, data["rules"], lookup)
+    indication = _indication(where, data["indication"], lookup, rules)
+    for name in tables:
+        try:
+            lookup.table(str(name))
+        except CriterionError as error:
+            raise PolicyError(f"{where}: {error}") from None
     pa = head.get("prior_authorization", "conditional")
     if pa not in _PAS:
         raise PolicyError(f"{where}: policy.prior_authorization must be one of {sorted(_PAS)}")
     text_path = path.parent / head["text"] if "text" in head else None
     if text_path is not None and not text_path.is_file():
         raise PolicyError(f"{where}: policy.text {head['text']!r} does not exist")
+    digest = hashlib.sha256(shared.digest.encode())
+    digest.update(path.read_bytes())
+    if text_path is not None:
+        digest.update(text_path.read_bytes())
+    policy_id = _text(f"{where}: policy.id", head["id"])
+    latest_review = str(head["latest_review"])
     return Policy(
-        id=_text(f"{where}: policy.id", head["id"]),
+        id=policy_id,
         title=_text(f"{where}: policy.title", head["title"]),
-        latest_review=str(head["latest_review"]),
+        latest_review=latest_review,
         category=str(head.get("category", "")),
         text_path=text_path,
         prior_authorization=pa,
         triggers=triggers,
-        recognised=recognised,
-        missing_indication=_text(f"{where}: indication.missing", indication["missing"]),
+        indication=indication,
         rules=rules,
-        value_sets=value_sets,
+        outcomes=shared.outcomes,
+        value_sets=lookup.value_sets,  # type: ignore[arg-type]
+        version=f"{policy_id}|{latest_review}|{digest.hexdigest()[:16]}",
     )
 
 
+def _statuses(path: Path) -> ConditionStatuses:
+    where = path.name
+    data = _keys(where, _yaml(path), {"statuses", "never", "question"})
+    rules = {}
+    for name, spec in (data["statuses"] or {}).items():
+        spec = _keys(f"{where}: statuses.{name}", spec, {"clinical", "without_clinical_status"})
+        if spec["without_clinical_status"] not in ("counts", "unless-abated"):
+            raise PolicyError(f"{where}: statuses.{name}.without_clinical_status must be counts or unless-abated")
+        rules[str(name)] = StatusRule(str(name), frozenset(spec["clinical"]), str(spec["without_clinical_status"]))
+    if set(rules) != {"current", "history"}:
+        raise PolicyError(f"{where}: statuses must define exactly 'current' and 'history'")
+    return ConditionStatuses(rules, frozenset(data["never"]), frozenset(data["question"]))
+
+
+def _outcomes(path: Path) -> dict[str, Wording]:
+    where = path.name
+    data = _keys(where, _yaml(path), set(ENGINE_OUTCOMES))
+    return {name: Wording(**_keys(f"{where}: {name}", spec, {"clause", "reason", "summary"}))
+            for name, spec in data.items()}
+
+
 def load_policies(directory: Path) -> PolicySet:
-    """Every ``mp-*.yaml`` policy in ``directory``, with its code systems and shared value sets."""
+    """Every ``mp-*.yaml`` policy in ``directory``, with the shared files beside them."""
+    for name in SHARED_FILES:
+        if not (directory / name).is_file():
+            raise PolicyError(f"{directory}: {name} is missing")
     try:
         systems = CodeSystems.load(directory / "code-systems.yaml")
+        text_rules = TextRules.load(directory / "text-matching.yaml")
     except (OSError, TerminologyError, yaml.YAMLError) as error:
-        raise PolicyError(f"code-systems.yaml: {error}") from None
+        raise PolicyError(str(error)) from None
+    expansions = Expansions(directory, systems)
     shared_path = directory / "shared-value-sets.yaml"
-    shared: dict[str, ValueSet] = {}
-    if shared_path.is_file():
-        data = _keys(shared_path.name, yaml.safe_load(shared_path.read_text(encoding="utf-8")), {"value_sets"})
-        shared = load_value_sets(shared_path.name, data["value_sets"], systems)
-    policies = [load_policy(path, systems, shared) for path in sorted(directory.glob("mp-*.yaml"))]
-    if not policies:
+    data = _keys(shared_path.name, _yaml(shared_path), {"value_sets"})
+    try:
+        shared_sets = load_value_sets(shared_path.name, data["value_sets"], systems, expansions, text_rules)
+    except ValueSetFileError as error:
+        raise PolicyError(str(error)) from None
+    digest = hashlib.sha256()
+    for path in [*(directory / name for name in SHARED_FILES), *sorted((directory / "valuesets").glob("*.json"))]:
+        digest.update(path.read_bytes())
+    shared = _Shared(systems, shared_sets, _statuses(directory / "condition-status.yaml"), text_rules,
+                     _outcomes(directory / "outcomes.yaml"), expansions, digest.hexdigest())
+    paths = sorted(directory.glob("mp-*.yaml"))
+    if not paths:
         raise PolicyError(f"{directory}: no policy files (mp-*.yaml)")
+    policies = [load_policy(path, shared) for path in paths]
     ids = [p.id for p in policies]
     if len(set(ids)) != len(ids):
         raise PolicyError(f"{directory}: duplicate policy ids {ids}")
-    return PolicySet(systems=systems, policies=policies, directory=directory)
+    return PolicySet(systems=systems, policies=policies, directory=directory, statuses=shared.statuses,
+                     text_rules=text_rules, expansion_files=expansions.files())

@@ -10,7 +10,6 @@ from typing import Any
 from ..fhir.gather import DataNeed
 from ..fhir.record import RawFilter
 from ..terminology import CodeSystems, ValueSet
-from .criteria import walk
 from .policy import Policy
 
 #: resource type -> (prefetch key, patient-scoped search; a code filter is added from the policies)
@@ -22,11 +21,16 @@ _SEARCHES: dict[str, tuple[str, str]] = {
         "medicationStatements",
         "MedicationStatement?patient={{context.patientId}}&_include=MedicationStatement:medication",
     ),
+    "MedicationRequest": (
+        "medicationRequests",
+        "MedicationRequest?patient={{context.patientId}}&_include=MedicationRequest:medication",
+    ),
     "MedicationAdministration": (
         "medicationAdministrations",
         "MedicationAdministration?patient={{context.patientId}}&_include=MedicationAdministration:medication",
     ),
     "AllergyIntolerance": ("allergies", "AllergyIntolerance?patient={{context.patientId}}"),
+    "Device": ("devices", "Device?patient={{context.patientId}}"),
 }
 COVERAGE_NEED_KEY = "coverage"
 
@@ -55,19 +59,16 @@ def data_needs(policies: Iterable[Policy], systems: CodeSystems) -> list[DataNee
     """What the given policies read, one need per resource type, plus the patient's coverage."""
     scoped: dict[str, list[ValueSet] | None] = {"Condition": None}
     for policy in policies:
-        for rule in policy.rules:
-            for top in (*rule.when, *rule.require):
-                for criterion in walk(top):
-                    for rtype, vs in criterion.searches().items():
-                        if rtype == "Medication":
-                            continue
-                        if vs is None or scoped.get(rtype, []) is None:
-                            scoped[rtype] = None
-                        else:
-                            current = scoped.setdefault(rtype, [])
-                            assert current is not None
-                            if vs not in current:
-                                current.append(vs)
+        for criterion in policy.criteria():
+            for rtype, sets in criterion.searches().items():
+                if rtype == "Medication":
+                    continue
+                if sets is None or scoped.get(rtype, []) is None:
+                    scoped[rtype] = None
+                else:
+                    current = scoped.setdefault(rtype, [])
+                    assert current is not None
+                    current.extend(vs for vs in sets if vs not in current)
     needs = []
     for rtype in _SEARCHES:
         if rtype not in scoped:

@@ -33,14 +33,25 @@ def is_operation_outcome(raw: Any) -> bool:
     return isinstance(raw, Mapping) and raw.get("resourceType") == "OperationOutcome"
 
 
+def bundle_problem(value: Any) -> str | None:
+    """Why a prefetch value that is a Bundle cannot be read (its ``entry`` is not an array), or None."""
+    if isinstance(value, Mapping) and value.get("resourceType") == "Bundle":
+        entries = value.get("entry")
+        if entries is not None and not isinstance(entries, list):
+            return "the prefetch Bundle's entry is not an array"
+    return None
+
+
 def resources_in(value: Any) -> Iterator[Mapping[str, Any]]:
     """Every resource in a prefetch value or search Bundle: entries' resources, recursively for
-    nested Bundles, skipping entries that hold no resource and OperationOutcomes in search results."""
+    nested Bundles, skipping entries that hold no resource, an ``entry`` that is not an array (see
+    :func:`bundle_problem`) and OperationOutcomes in search results."""
     if not isinstance(value, Mapping):
         return
     rtype = value.get("resourceType")
     if rtype == "Bundle":
-        for entry in value.get("entry") or []:
+        entries = value.get("entry")
+        for entry in entries if isinstance(entries, list) else ():
             if isinstance(entry, Mapping):
                 yield from resources_in(entry.get("resource"))
     elif rtype == "OperationOutcome":
@@ -50,7 +61,8 @@ def resources_in(value: Any) -> Iterator[Mapping[str, Any]]:
 
 
 def next_link(bundle: Mapping[str, Any]) -> str | None:
-    for link in bundle.get("link") or []:
+    links = bundle.get("link")
+    for link in links if isinstance(links, list) else ():
         if isinstance(link, Mapping) and link.get("relation") == "next" and isinstance(link.get("url"), str):
             return str(link["url"])
     return None

@@ -6,10 +6,13 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import quote
 
-from .bundles import Failure, is_operation_outcome, operation_outcome_text, resources_in
+from .bundles import Failure, bundle_problem, is_operation_outcome, operation_outcome_text, resources_in
 from .client import FhirClient
 from .record import PatientRecord, RawFilter
+
+PATIENT_ID = "{{context.patientId}}"
 
 
 class DataUnavailable(Exception):
@@ -27,7 +30,16 @@ class DataNeed:
     required: bool = True
 
     def query_for(self, patient_id: str) -> str:
-        return self.query.replace("{{context.patientId}}", patient_id)
+        """The search for one patient, every query value percent-encoded: the patient id entirely (it can
+        add no parameter, value or fragment), the template's own values except the separators FHIR search
+        syntax gives meaning to (``,`` between alternatives, ``|`` and ``:`` within a token)."""
+        path, _, query = self.query.partition("?")
+        params = []
+        for param in query.split("&") if query else []:
+            name, _, value = param.partition("=")
+            pieces = (quote(piece, safe=",|:/") for piece in value.split(PATIENT_ID))
+            params.append(f"{quote(name, safe=':')}={quote(patient_id, safe='').join(pieces)}")
+        return path + ("?" + "&".join(params) if params else "")
 
 
 ClientFactory = Callable[[], FhirClient]
@@ -58,6 +70,8 @@ async def gather_record(
             to_fetch[need.key] = (need, f"the EHR's prefetch query failed: {operation_outcome_text(value)}")
         elif not isinstance(value, Mapping) or not isinstance(value.get("resourceType"), str):
             to_fetch[need.key] = (need, "the prefetch value is not a FHIR resource")
+        elif problem := bundle_problem(value):
+            to_fetch[need.key] = (need, problem)
     for value in prefetch.values():
         record.add_all(resources_in(value), filters)
     if not to_fetch:

@@ -19,8 +19,10 @@ from typing import Any
 from fhir.resources.R4B.allergyintolerance import AllergyIntolerance
 from fhir.resources.R4B.condition import Condition
 from fhir.resources.R4B.coverage import Coverage
+from fhir.resources.R4B.device import Device
 from fhir.resources.R4B.medication import Medication
 from fhir.resources.R4B.medicationadministration import MedicationAdministration
+from fhir.resources.R4B.medicationrequest import MedicationRequest
 from fhir.resources.R4B.medicationstatement import MedicationStatement
 from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.procedure import Procedure
@@ -30,13 +32,20 @@ from pydantic import ValidationError
 MODELS: dict[str, type[Resource]] = {
     "Condition": Condition,
     "MedicationStatement": MedicationStatement,
+    "MedicationRequest": MedicationRequest,
     "Observation": Observation,
     "Procedure": Procedure,
     "MedicationAdministration": MedicationAdministration,
     "AllergyIntolerance": AllergyIntolerance,
     "Coverage": Coverage,
     "Medication": Medication,
+    "Device": Device,
 }
+
+#: At most this many resources of one type are kept for a decision; a record with more is not read for that
+#: type (it is marked unavailable, so no firm decision rests on part of it). Real records the discovery
+#: templates select hold tens; this bounds the work any request can cause.
+MAX_PER_TYPE = 5000
 
 RawFilter = Callable[[Mapping[str, Any]], bool]
 
@@ -121,9 +130,11 @@ class PatientRecord:
         raw = self._raw_by_reference.get(f"{parts[-2]}/{parts[-1]}")
         return self.validated(raw) if raw is not None else None
 
-    def technical_gaps(self) -> dict[str, str]:
-        """Unavailable resource types that the decision consulted: the decision cannot be firm."""
-        return {t: why for t, why in self.unavailable.items() if t in self.consulted}
+    def technical_gaps(self, consulted: Iterable[str] | None = None) -> dict[str, str]:
+        """Unavailable resource types that the decision consulted (``consulted``, by default those recorded
+        by :meth:`of_type` and :meth:`raw_of_type`): the decision cannot be firm."""
+        types = set(self.consulted if consulted is None else consulted)
+        return {t: why for t, why in self.unavailable.items() if t in types}
 
     def add(self, raw: Mapping[str, Any], filters: Mapping[str, RawFilter | None]) -> None:
         rtype = raw.get("resourceType")
@@ -133,12 +144,16 @@ class PatientRecord:
         if keep is not None and not keep(raw):
             return
         rid = raw.get("id")
-        if isinstance(rid, str):
-            key = f"{rtype}/{rid}"
-            if key in self._raw_by_reference:
-                return  # the same resource from another prefetch key or page
+        key = f"{rtype}/{rid}" if isinstance(rid, str) else None
+        if key is not None and key in self._raw_by_reference:
+            return  # the same resource from another prefetch key or page
+        kept = self._raw.setdefault(rtype, [])
+        if len(kept) >= MAX_PER_TYPE:
+            self.mark_unavailable(rtype, f"more than {MAX_PER_TYPE} {rtype} resources")
+            return
+        if key is not None:
             self._raw_by_reference[key] = raw
-        self._raw.setdefault(rtype, []).append(raw)
+        kept.append(raw)
 
     def add_all(self, raws: Iterable[Mapping[str, Any]], filters: Mapping[str, RawFilter | None]) -> None:
         for raw in raws:

@@ -143,12 +143,28 @@ def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:
     )
 
 
+_PLAIN_AUTHORIZATION_FIELDS = frozenset({"token_type", "expires_in", "scope", "subject", "patient"})
+REDACTED = "[redacted]"
+
+
 def redact(body: Any) -> Any:
-    """The request as it may be stored: with fhirAuthorization.access_token removed."""
-    if not isinstance(body, Mapping):
+    """The request as it may be stored. Under a ``fhirAuthorization`` key, in any casing, an object keeps only
+    the non-secret members of the CDS Hooks object (token_type, expires_in, scope, subject, patient) with
+    plain values, and any other shape (a string, an array) becomes "[redacted]". Returns ``body`` itself when
+    it has no such key (then the request may be stored as received)."""
+    if not isinstance(body, Mapping) or not any(_is_authorization(key) for key in body):
         return body
-    out = dict(body)
-    auth = out.get("fhirAuthorization")
-    if isinstance(auth, Mapping):
-        out["fhirAuthorization"] = {k: v for k, v in auth.items() if k not in ("access_token", "refresh_token")}
-    return out
+    return {key: _redacted(value) if _is_authorization(key) else value for key, value in body.items()}
+
+
+def _is_authorization(key: object) -> bool:
+    return isinstance(key, str) and key.lower() == "fhirauthorization"
+
+
+def _redacted(value: Any) -> Any:
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        return REDACTED
+    return {key: member for key, member in value.items()
+            if key in _PLAIN_AUTHORIZATION_FIELDS and isinstance(member, str | int | float | bool)}

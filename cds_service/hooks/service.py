@@ -16,12 +16,13 @@ from pydantic import ValidationError
 
 from ..engine.decision import Decision
 from ..engine.evaluate import decide
-from ..engine.orders import ORDER_TYPES, OrderFacts, order_facts
-from ..engine.policy import Policy, PolicySet, Trigger
+from ..engine.orders import ORDER_TYPES, Medications, OrderFacts, medications_from, order_facts
+from ..engine.policy import Policy, PolicySet, TriggerMatch
 from ..engine.requirements import data_needs, prefetch_templates
-from ..fhir.client import FhirClient, fhir_server_problem
+from ..fhir.client import FhirClient, ReadLimits
 from ..fhir.gather import DataNeed, gather_record
 from ..fhir.record import PatientRecord, validation_summary
+from ..urls import Allowlist, fhir_server_problem
 from .cards import CardRenderer
 from .coverage_info import annotated_order, coverage_information, new_assertion_id
 from .request import HookRequest, RequestError, parse_hook_request
@@ -40,6 +41,7 @@ class Settings:
     fhir_timeout_seconds: float = 3.0
     allow_http: bool = False
     contact_fhir_servers: bool = True
+    fhir_limits: ReadLimits = field(default_factory=ReadLimits)
 
 
 @dataclass
@@ -55,8 +57,7 @@ class HookResult:
 @dataclass(frozen=True)
 class InScope:
     policy: Policy
-    trigger: Trigger
-    how: str
+    match: TriggerMatch
     order: OrderFacts
 
 
@@ -122,19 +123,25 @@ class CoverageService:
             raise RequestError(f"no service {service_id!r}", status=404, code="not-found")
         return parse_hook_request(body, hook)
 
-    def in_scope(self, request: HookRequest) -> tuple[list[InScope], list[OrderFacts]]:
+    @staticmethod
+    def medications(request: HookRequest) -> Medications:
+        """Medications a draft order may reference: in the draftOrders Bundle (by fullUrl) and the prefetch."""
+        return medications_from([request.context.get("draftOrders"), *request.prefetch.values()])
+
+    def in_scope(self, request: HookRequest, medications: Medications) -> tuple[list[InScope], list[OrderFacts]]:
         systems = self.policies.systems
         bundle = request.draft_orders
-        facts = [order_facts(systems, r, bundle) for r in bundle if r.get("resourceType") in ORDER_TYPES]
+        facts = [order_facts(systems, r, medications) for r in bundle if r.get("resourceType") in ORDER_TYPES]
         selected = facts
         if request.selections is not None:
-            selected = [f for f in facts if any(f.matches_reference(s) for s in request.selections)]
+            wanted = set(request.selections)
+            selected = [f for f in facts if f.reference in wanted or any(f.matches_reference(s) for s in wanted)]
         found = []
         for order in selected:
             for policy in self.policies.policies:
                 match = policy.trigger_for(order, facts)
                 if match is not None:
-                    found.append(InScope(policy, match[0], match[1], order))
+                    found.append(InScope(policy, match, order))
         return found, facts
 
     @staticmethod
@@ -158,7 +165,7 @@ class CoverageService:
         return self._needs[key]
 
     async def record_for(self, request: HookRequest, policies: Sequence[Policy],
-                         fhir_server_allowlist: Sequence[str] | None) -> PatientRecord:
+                         fhir_server_allowlist: Allowlist | None) -> PatientRecord:
         needs = self.needs_for(policies)
         factory = None
         problem = None
@@ -173,25 +180,27 @@ class CoverageService:
 
             def factory() -> FhirClient:
                 return FhirClient(access.server, access.access_token, self.settings.fhir_timeout_seconds,
-                                  transport=self._transport)
+                                  transport=self._transport, limits=self.settings.fhir_limits)
 
         return await gather_record(needs, request.prefetch, request.patient_id, factory, problem)
 
     async def handle(self, service_id: str, body: Any, base_url: str,
-                     fhir_server_allowlist: Sequence[str] | None = None) -> HookResult:
+                     fhir_server_allowlist: Allowlist | None = None) -> HookResult:
         """Answer one hook call. Raises RequestError (4xx) and DataUnavailable (412)."""
         request = self.parse(service_id, body)
-        scope, facts = self.in_scope(request)
+        medications = self.medications(request)
+        scope, facts = self.in_scope(request, medications)
         result = HookResult(response={"cards": []}, request=request)
         if not scope:
             return result
         self.validate_orders(scope)
         policies = list({item.policy.id: item.policy for item in scope}.values())
         record = await self.record_for(request, policies, fhir_server_allowlist)
-        return self.respond(request, scope, facts, record, base_url, result)
+        return self.respond(request, scope, facts, record, base_url, result, medications)
 
     def respond(self, request: HookRequest, scope: Sequence[InScope], facts: Sequence[OrderFacts],
-                record: PatientRecord, base_url: str, result: HookResult) -> HookResult:
+                record: PatientRecord, base_url: str, result: HookResult,
+                medications: Medications | None = None) -> HookResult:
         advisory_only = request.hook == "order-select"
         show_cards = request.configuration.get("coverage-info", True) is not False
         today = self._today().isoformat()
@@ -199,8 +208,12 @@ class CoverageService:
         cards: list[dict[str, Any]] = []
         actions: list[dict[str, Any]] = []
         annotated: dict[str, dict[str, Any]] = {}
+        known = medications or Medications()
+        for raw in record.raw_of_type("Medication"):
+            known.add(raw)
         for item in scope:
-            decision = decide(self.policies, item.policy, item.trigger, item.how, item.order, facts, record)
+            decision = decide(self.policies, item.policy, item.match, item.order, facts, record,
+                              today=self._today(), medications=known)
             result.decisions.append(decision)
             if not decision.decided:
                 continue
@@ -219,7 +232,7 @@ class CoverageService:
             if show_cards:
                 card = self.renderer.card(
                     decision,
-                    order_label=f"{item.trigger.label} ({item.order.code.label()})",
+                    order_label=f"{item.match.trigger.label} ({item.order.code.label()})",
                     payer_name=self.settings.payer_name,
                     policy_url=self.policy_url(item.policy, base_url),
                     advisory_only=advisory_only,
@@ -250,7 +263,7 @@ class CoverageService:
     def _billing_code(self, item: InScope) -> Mapping[str, str] | None:
         systems = self.policies.systems
         for coding in item.order.code.codings:
-            if coding.system in _BILLING_SYSTEMS and item.trigger.code_in.contains(coding):
+            if coding.system in _BILLING_SYSTEMS and item.match.trigger.code_in.contains(coding):
                 billing = {"system": systems.get(coding.system).canonical, "code": coding.code}
                 if coding.display:
                     billing["display"] = coding.display

@@ -6,6 +6,7 @@ OperationOutcome; nothing the client sends causes a 5xx or a stack trace.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import logging
@@ -18,20 +19,22 @@ from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import PlainTextResponse, Response
 from starlette.routing import Route
 
 from ..auth.jwt import AuthError, JwtAuthenticator, Principal
 from ..config import Config
 from ..engine.policy import load_policies
+from ..fhir.client import ReadLimits
 from ..fhir.gather import DataUnavailable
 from ..hooks.feedback import FeedbackError, parse_feedback
 from ..hooks.request import RequestError, redact
 from ..hooks.service import CoverageService, HookResult, Settings
-from ..jsonutil import JSONDecodeError, dumps, loads
+from ..jsonutil import JSONDecodeError, JSONTooDeep, dumps, loads
 from ..paths import data_dir
 from ..storage.store import AuditRecord, Store
+from ..urls import is_loopback
 from .errors import operation_outcome
 
 log = logging.getLogger("cds_service.web")
@@ -41,8 +44,9 @@ class BodyTooLarge(Exception):
     pass
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, refusing (without reading it all) anything over ``limit`` bytes."""
+async def read_body(request: Request, limit: int, timeout: float) -> bytes:
+    """The request body, refusing (without reading it all) anything over ``limit`` bytes, and a body that
+    does not arrive within ``timeout`` seconds (408) or ends early because the client went away (400)."""
     length = request.headers.get("content-length")
     if length is not None:
         try:
@@ -52,11 +56,18 @@ async def read_body(request: Request, limit: int) -> bytes:
             raise BodyTooLarge from None
     chunks = []
     size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise BodyTooLarge
-        chunks.append(chunk)
+    try:
+        async with asyncio.timeout(timeout):
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > limit:
+                    raise BodyTooLarge
+                chunks.append(chunk)
+    except TimeoutError:
+        raise RequestError(f"the request body did not arrive within {timeout:g} s", status=408,
+                           code="timeout") from None
+    except ClientDisconnect:
+        raise RequestError("the client disconnected before the request body was complete") from None
     return b"".join(chunks)
 
 
@@ -72,27 +83,45 @@ class CdsApp:
         self.service = service
         self.authenticator = authenticator
 
-    def endpoint_url(self, request: Request) -> str:
-        base = self.config.service.public_base_url
-        if base:
-            return base.rstrip("/") + request.url.path
-        return str(request.url.replace(query="", fragment=""))
+    def public_base(self, request: Request) -> str | None:
+        """The base URL EHRs call: ``public_base_url``; without it, for a request that arrived on a loopback
+        socket, that socket's address (never the Host or X-Forwarded-* headers, which the caller chooses)."""
+        if self.config.service.public_base_url:
+            return self.config.service.public_base_url.rstrip("/")
+        server = request.scope.get("server")
+        if server and is_loopback(server[0]) and server[1]:
+            host = f"[{server[0]}]" if ":" in server[0] else server[0]
+            return f"http://{host}:{server[1]}"
+        return None
+
+    def audiences(self, request: Request, *paths: str) -> list[str]:
+        """The ``aud`` values a token for this request may carry: ``[auth] audiences``, else the endpoint's
+        URL (each of ``paths``) under :meth:`public_base`; none when neither is known (every token fails)."""
+        if self.config.auth.audiences:
+            return list(self.config.auth.audiences)
+        base = self.public_base(request)
+        return [base + path for path in paths] if base else []
 
     def base_url(self, request: Request) -> str:
-        return self.config.service.public_base_url or str(request.base_url)
+        return self.public_base(request) or str(request.base_url)
 
-    async def authenticate(self, request: Request, audiences: list[str]) -> Principal | None:
+    async def authenticate(self, request: Request, *paths: str) -> Principal | None:
+        """The caller, for a token whose audience is one of ``paths`` (default: this request's path)."""
         if self.authenticator is None:
             return None
-        return await self.authenticator.authenticate(request.headers.get("authorization"), audiences)
+        return await self.authenticator.authenticate(request.headers.get("authorization"),
+                                                     self.audiences(request, *(paths or (request.url.path,))))
 
     async def read_json(self, request: Request) -> tuple[bytes, Any]:
         """The body as received, and parsed."""
-        body = await read_body(request, self.config.service.max_body_bytes)
+        body = await read_body(request, self.config.service.max_body_bytes,
+                               self.config.server.body_read_timeout_seconds)
         if not body.strip():
             raise RequestError("the request body is empty; a JSON object is required")
         try:
             return body, loads(body)
+        except JSONTooDeep as error:
+            raise RequestError(f"the request body {error.msg}") from None
         except JSONDecodeError:
             raise RequestError("the request body is not valid JSON") from None
 
@@ -101,7 +130,7 @@ class CdsApp:
     async def discovery(self, request: Request) -> Response:
         if not self.config.auth.discovery_public:
             try:
-                await self.authenticate(request, [self.endpoint_url(request)])
+                await self.authenticate(request)
             except AuthError as error:
                 return unauthorized(error)
         return json_response(self.service.discovery())
@@ -113,7 +142,7 @@ class CdsApp:
         if self.service.hook_of(service_id) is None:
             return operation_outcome(404, f"no service {service_id!r}", "not-found")
         try:
-            principal = await self.authenticate(request, [self.endpoint_url(request)])
+            principal = await self.authenticate(request)
         except AuthError as error:
             return unauthorized(error)
         raw: bytes | None = None
@@ -139,12 +168,11 @@ class CdsApp:
     async def audit(self, service_id: str, raw: bytes | None, body: Any, result: HookResult | None,
                     principal: Principal | None, response: Response, received: dt.datetime, started: float) -> None:
         """Hand the call's audit record to the store, as compact serialised JSON: the request as received
-        (re-serialised without the FHIR access token when it carries one) and the response as sent."""
+        (re-serialised with fhirAuthorization redacted when it has one, see ``redact``) and the response as sent."""
         request_json: bytes | None = None
         if isinstance(body, Mapping):
-            auth = body.get("fhirAuthorization")
-            has_token = isinstance(auth, Mapping) and ("access_token" in auth or "refresh_token" in auth)
-            request_json = dumps(redact(body)) if has_token or raw is None else raw
+            redacted = redact(body)
+            request_json = raw if redacted is body and raw is not None else dumps(redacted)
         context = body.get("context") if isinstance(body, Mapping) else None
         cards: list[dict[str, Any]] = []
         decisions: list[dict[str, Any]] = []
@@ -183,9 +211,9 @@ class CdsApp:
         service_id = request.path_params["service_id"]
         if self.service.hook_of(service_id) is None:
             return operation_outcome(404, f"no service {service_id!r}", "not-found")
-        endpoint = self.endpoint_url(request)
+        path = request.url.path
         try:
-            principal = await self.authenticate(request, [endpoint, endpoint.rsplit("/feedback", 1)[0]])
+            principal = await self.authenticate(request, path, path.rsplit("/feedback", 1)[0])
         except AuthError as error:
             return unauthorized(error)
         try:
@@ -248,6 +276,7 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
             public_base_url=config.service.public_base_url,
             fhir_timeout_seconds=config.fhir.timeout_seconds,
             allow_http=config.fhir.allow_http,
+            fhir_limits=ReadLimits(config.fhir.max_total_bytes, config.fhir.max_resources),
         ),
         transport=fhir_transport,
     )
