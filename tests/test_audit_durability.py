@@ -18,6 +18,7 @@ import pytest
 import sqlalchemy as sa
 
 from cds_service.storage.db import engine_for
+from cds_service.storage.spool import Spool
 
 from .conftest import PG_ENV, _pg_schema_url
 from .serverproc import ServerProcess, free_port
@@ -196,3 +197,26 @@ def test_full_spool_drops_with_a_counted_logged_reason(tmp_path: Path) -> None:
     for line in logged:
         assert line["reason"] == "spool_full" and line["hookInstance"] in made_instances
         assert line["timestamp"].endswith("+00:00") and line["service"] == SIGN.rsplit("/", 1)[1]
+
+
+def test_processes_of_one_replica_share_its_spool(tmp_path: Path) -> None:
+    """Two servers (each with its writer process) spool into one directory at once while the database is
+    away; every record comes out once, and a spool moved to a host with a database is replayed there."""
+    config = write_config(tmp_path, f"postgresql://cds@127.0.0.1:{free_port()}/cds")
+    with ServerProcess(config) as a, ServerProcess(config) as b:
+
+        async def both() -> list[tuple[int, float, str]]:
+            first, second = await asyncio.gather(_calls(a.url, 30), _calls(b.url, 30))
+            return first + second
+
+        made = asyncio.run(both())
+    status = Spool(tmp_path / "spool").status()
+    target = tmp_path / "elsewhere"
+    target.mkdir()
+    elsewhere = write_config(target, f"sqlite:///{target / 'cds.sqlite3'}")
+    replayed = cli("audit", "replay", "--spool", str(tmp_path / "spool"), "--config", str(elsewhere))
+    stored = wait_for_records(f"sqlite:///{target / 'cds.sqlite3'}", set(), seconds=0)
+    assert all(code == 200 for code, _, _ in made)
+    assert status.records == 60 and not status.dropped
+    assert replayed.returncode == 0, replayed.stderr
+    assert sorted(stored) == sorted(h for _, _, h in made)

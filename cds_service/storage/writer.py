@@ -278,8 +278,9 @@ class ThreadWriter:
         return {"writer": "thread", "running": self._thread.is_alive(), "queued": self._queue.qsize()}
 
     def close(self) -> None:
-        self._queue.put(None, timeout=_stop_timeout(self._timeout))
-        self._thread.join(timeout=_stop_timeout(self._timeout))
+        if self._thread.is_alive():
+            self._queue.put(None)  # the writer takes records without waiting for the database
+            self._thread.join(timeout=_stop_timeout(self._timeout))
 
 
 @dataclass(frozen=True)
@@ -366,6 +367,8 @@ class ProcessWriter:
         return {"writer": "process", "running": self._process.is_alive(), "queued": queued}
 
     def close(self) -> None:
+        """Stop the child after it has taken every queued record; what a dead (or stuck, then terminated)
+        child did not take goes to the spool."""
         with self._lock:
             if self._closed:
                 return
@@ -375,12 +378,10 @@ class ProcessWriter:
             try:
                 self._queue.put(None, timeout=timeout)
             except queue.Full:
-                log.critical("audit writer process does not take records; terminating it")
-            self._queue.close()
-            self._queue.join_thread()
+                log.critical("audit writer process does not take records")
             self._process.join(timeout=timeout)
-        else:
-            self._spool.append(self._leftovers())
         if self._process.is_alive():
             log.critical("audit writer process did not finish spooling; terminating it")
             self._process.terminate()
+            self._process.join(timeout=5)
+        self._spool.append(self._leftovers())
