@@ -29,6 +29,8 @@ class ServiceSettings:
     max_body_bytes: int = 5 * 1024 * 1024
     policies_dir: str | None = None
     cards_dir: str | None = None
+    #: the payers this deployment handles ("system|value" or "value"); CRD 2.2 hook-13 (see README)
+    payer_identifiers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -149,6 +151,8 @@ def validate(config: Config) -> None:
     if config.auth.mode == "jwt" and not config.auth.issuers:
         raise ConfigError('auth.mode = "jwt" needs at least one [[auth.issuers]]')
     _validate_auth(config.auth)
+    if any(not token.strip() or token.strip().endswith("|") for token in config.service.payer_identifiers):
+        raise ConfigError('service.payer_identifiers: each entry is "system|value" or "value"')
     if config.service.max_body_bytes <= 0:
         raise ConfigError("service.max_body_bytes must be positive")
     if not 0 < config.fhir.timeout_seconds <= 30:

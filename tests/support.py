@@ -26,6 +26,8 @@ PREFETCH_KEYS = {
 SERVICE_FOR_HOOK = {
     "order-select": "coverage-requirements-order-select",
     "order-sign": "coverage-requirements-order-sign",
+    "order-dispatch": "coverage-requirements-order-dispatch",
+    "appointment-book": "coverage-requirements-appointment-book",
 }
 
 

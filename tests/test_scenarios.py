@@ -26,6 +26,8 @@ def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])
 def test_scenario_fixtures_are_valid_fhir(path: Path) -> None:
     scenario = load(path)
+    orders = [f"{o['resourceType']}/{o['id']}" for o in scenario["orders"]]
+    assert len(orders) == len(set(orders)), "draft orders need distinct ids"
     extra = [e["resource"] for e in scenario.get("draft_extra", [])]
     for resource in [*scenario["orders"], *scenario["record"], *extra]:
         get_fhir_model_class(resource["resourceType"]).model_validate(resource)
@@ -60,15 +62,31 @@ def test_scenario(path: Path, service: CoverageService) -> None:
             kinds = [g.kind for g in decision.gaps]
             assert kinds and all(k in GAP_KINDS and k != "other" for k in kinds), decision.gaps
         assert len(decision.evidence) == len(set(decision.evidence)), "repeated evidence lines"
+        assert "{drug}" not in str(decision.explain())
         if expected["outcome"] != "out-of-scope":
             decided.append((expected, decision))
-    # exactly one card and one systemAction per decided order, and nothing for the rest
+    # per decided order: one card (Instructions, without links, when something must be done or documented;
+    # else External Reference, with the policy link) and one systemAction; nothing for the rest
+    def card_for(reference: str) -> dict[str, Any]:
+        found: list[dict[str, Any]] = [
+            c for c in cards if c["extension"]["davinci-crd.associated-resource"][0]["reference"] == reference]
+        assert len(found) == 1, found
+        return found[0]
+
     assert len(cards) == len(decided)
-    assert sorted(a["resource"]["resourceType"] + "/" + a["resource"]["id"] for a in actions) == sorted(
-        e["order"] for e, _ in decided)
+    acted = sorted(a["resource"]["resourceType"] + "/" + a["resource"]["id"] for a in actions)
+    if scenario["hook"] == "order-select":
+        assert acted == sorted(e["order"] for e, _ in decided)
+    else:  # CRD hook-16: every order of a primary hook carries coverage information
+        assert acted == sorted(f"{o['resourceType']}/{o['id']}" for o in scenario["orders"])
+        decided_orders = {e["order"] for e, _ in decided}
+        for action in actions:
+            if f"{action['resource']['resourceType']}/{action['resource']['id']}" not in decided_orders:
+                reason = coverage_extension(action["resource"])["reason"]["valueCodeableConcept"]["text"]
+                assert reason.startswith("Not assessed by this service"), reason
     for expected, decision in decided:
-        card = next(c for c in cards
-                    if c["extension"]["davinci-crd.associated-resource"][0]["reference"] == expected["order"])
+        card = card_for(expected["order"])
+        assert ("links" in card) is not (decision.outcome.value == "conditional" and bool(decision.missing))
         assert len(card["summary"]) < 140
         assert expected["policy"] in card["summary"]
         if "summary_contains" in expected:
@@ -80,11 +98,12 @@ def test_scenario(path: Path, service: CoverageService) -> None:
         assert ext["covered"]["valueCode"] == expected["outcome"]
         for evidence in expected.get("evidence", []):
             assert evidence in card["detail"]
+        todo = card["detail"]
         for missing in decision.missing:
-            assert escape_markdown(missing) in card["detail"]
+            assert escape_markdown(missing) in todo
         if scenario["hook"] == "order-select":
             assert "doc-needed" not in ext
-            assert "Documentation needed" not in card["detail"]
+            assert "by the time the order is signed" in todo or not decision.missing
 
 
 def test_ehr_text_cannot_inject_markdown_into_the_card(service: CoverageService) -> None:
@@ -99,7 +118,7 @@ def test_ehr_text_cannot_inject_markdown_into_the_card(service: CoverageService)
     assert re.search(r"(?<!\\)<img", detail) is None  # only as an escaped, literal "\<"
     assert "**now**" not in detail
     assert "\n# heading" not in detail
-    assert "evil.example" in detail  # the text is shown, but inert
+    assert "evil\\.example" in detail  # the text is shown, but inert (no autolink either)
 
 
 def test_system_action_returns_the_order_as_sent_plus_coverage_information(service: CoverageService) -> None:

@@ -55,6 +55,7 @@ def test_every_hook_call_is_audited(storage_url: str) -> None:
     assert (decision["policy"], decision["outcome"], decision["rule"]) == ("MP-446", "not-covered", "chronic-pain")
     assert decision["evidence"] and decision["clause"]
     assert first["response"] == ok.json()
+    assert first["crd_version"] == "2.0.1" and records[1]["crd_version"] is None  # the 400 followed none
     assert first["latency_ms"] > 0
     assert "access_token" not in first["request"]["fhirAuthorization"]
     assert first["request"]["fhirAuthorization"]["scope"] == "patient/*.read"
@@ -87,7 +88,7 @@ def test_schema_is_migrated_once_and_versioned(storage_url: str) -> None:
     with store.engine.connect() as connection:
         version = connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
     store.close()
-    assert version == "0002"
+    assert version == "0003"
 
 
 def test_replay_store_claims_each_jti_once(storage_url: str) -> None:

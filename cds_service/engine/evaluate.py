@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from ..fhir.record import PatientRecord
 from .context import DecisionScope, EvaluationContext, Indication
@@ -220,7 +220,9 @@ def decide(policy_set: PolicySet, policy: Policy, match: TriggerMatch, order: Or
             Gap(f"{rtype} data could not be read ({why})", None, "technical")
             for rtype, why in sorted(technical.items())],
             indication=chosen.indication, engine=DATA_UNAVAILABLE)
-    gaps = unique(chosen.gaps)
+    label = match.trigger.label  # rule summaries may name the drug as {drug}
+    gaps = unique([replace(g, text=g.text.replace("{drug}", label)) for g in chosen.gaps])
+    notes = [n.replace("{drug}", label) for n in notes]
     clause, reason, summary = _wording(policy, chosen, gaps)
     order_evidence = Evidence(order.reference, f"{match.trigger.label} order [{match.how}]")
     rule_id = chosen.rule.id if chosen.rule else (chosen.engine or NO_RULE)
@@ -233,7 +235,7 @@ def decide(policy_set: PolicySet, policy: Policy, match: TriggerMatch, order: Or
         rule_id=rule_id,
         clause=clause,
         reason=reason,
-        summary=summary.replace("{drug}", match.trigger.label),
+        summary=summary.replace("{drug}", label),
         evidence=unique([order_evidence, *chosen.evidence]),
         missing=unique([g.text for g in gaps]),
         gaps=gaps,

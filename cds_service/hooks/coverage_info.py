@@ -7,53 +7,90 @@ from collections.abc import Mapping
 from typing import Any
 
 from ..engine.decision import Decision, Outcome
+from .versions import CrdVersion
 
 EXT_COVERAGE_INFORMATION = "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-coverage-information"
-CRD_TEMP = "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp"
-NULL_FLAVOR = "http://terminology.hl7.org/CodeSystem/v3-NullFlavor"
+
+#: the ``coverage`` sub-extension is required (1..1); when neither the order (``insurance``) nor the
+#: record names a Coverage, it says so in a reference without a target
+UNKNOWN_COVERAGE: Mapping[str, str] = {
+    "type": "Coverage",
+    "display": "no Coverage of the patient was found in the order, the prefetch or the EHR's FHIR server",
+}
 
 
 def coverage_information(
     decision: Decision,
     *,
+    version: CrdVersion,
     assertion_id: str,
     date: str,
-    coverage_reference: str | None,
+    coverage: Mapping[str, Any],
     billing_code: Mapping[str, str] | None,
     prior_authorization: str,
     advisory_only: bool,
+    policy_url: str,
 ) -> dict[str, Any]:
-    """The extension for one decision. CRD invariants: not-covered carries no pa-needed; conditional
-    carries info-needed (OTH, explained by reason). On order-select (``advisory_only``) no
+    """The extension for one decision, in the shape of CRD ``version``. ``coverage`` is the Reference to
+    the patient's Coverage (or :data:`UNKNOWN_COVERAGE`). Invariants: not-covered carries no pa-needed;
+    a conditional element carries info-needed (OTH, explained by reason); data that could not be read is
+    the version's technical answer with its reason code. On order-select (``advisory_only``) no
     documentation is requested."""
     covered = decision.outcome.value
-    parts: list[dict[str, Any]] = []
-    if coverage_reference:
-        parts.append({"url": "coverage", "valueReference": {"reference": coverage_reference}})
-    parts.append({"url": "covered", "valueCode": covered})
+    if decision.technical:
+        covered = version.technical_covered
+    codes: dict[str, str] = {"covered": covered}
     if decision.outcome is not Outcome.NOT_COVERED:
-        pa = prior_authorization if decision.outcome is Outcome.COVERED else "conditional"
-        parts.append({"url": "pa-needed", "valueCode": pa})
-    if decision.outcome is Outcome.CONDITIONAL:
-        if not advisory_only and not decision.technical:
-            parts.append({"url": "doc-needed", "valueCode": "clinical"})
+        codes["pa-needed"] = prior_authorization if decision.outcome is Outcome.COVERED else "conditional"
+    if decision.outcome is Outcome.CONDITIONAL and not advisory_only and not decision.technical:
+        codes["doc-needed"] = "clinical"
+    parts: list[dict[str, Any]] = [{"url": "coverage", "valueReference": dict(coverage)}]
+    parts += [{"url": url, "valueCode": code} for url, code in codes.items()]
+    if any(codes.get(element) == "conditional" for element in version.info_needed_when):
         parts.append({"url": "info-needed", "valueCode": "OTH"})
     if billing_code:
         parts.append({"url": "billingCode", "valueCoding": dict(billing_code)})
     reason: dict[str, Any] = {"text": decision.reason}
     if decision.technical:
-        reason["coding"] = [{"system": CRD_TEMP, "code": "technical", "display": "Technical issue"}]
+        reason["coding"] = [dict(version.technical_reason)]
     parts.append({"url": "reason", "valueCodeableConcept": reason})
+    if version.policy_link_detail is not None:
+        link = version.policy_link_detail
+        parts.append({"url": "detail", "extension": [
+            {"url": "category", "valueCode": link["category"]},
+            {"url": "code", "valueCodeableConcept": {"coding": [
+                {"system": link["system"], "code": link["code"], "display": link["display"]}]}},
+            {"url": "value", "valueUrl": policy_url},
+        ]})
     parts.append({"url": "date", "valueDate": date})
     parts.append({"url": "coverage-assertion-id", "valueString": assertion_id})
+    return {"url": EXT_COVERAGE_INFORMATION, "extension": parts}
+
+
+def not_assessed_information(*, version: CrdVersion, assertion_id: str, date: str, coverage: Mapping[str, Any],
+                             reason: str) -> dict[str, Any]:
+    """The extension for an order on a primary hook that no policy of this service assesses (CRD hook-16:
+    every answer on a primary hook carries coverage information): the version's "not determined here"
+    answer, with the reason in text and nothing asked of the clinician."""
+    covered = version.not_assessed_covered
+    parts: list[dict[str, Any]] = [{"url": "coverage", "valueReference": dict(coverage)},
+                                   {"url": "covered", "valueCode": covered}]
+    if covered == "conditional":
+        parts.append({"url": "pa-needed", "valueCode": "conditional"})  # crd-ci-q2 in 2.0.1: not not-covered
+        if "covered" in version.info_needed_when:
+            parts.append({"url": "info-needed", "valueCode": "OTH"})
+    parts += [{"url": "reason", "valueCodeableConcept": {"text": reason}},
+              {"url": "date", "valueDate": date},
+              {"url": "coverage-assertion-id", "valueString": assertion_id}]
     return {"url": EXT_COVERAGE_INFORMATION, "extension": parts}
 
 
 def annotated_order(order: Mapping[str, Any], extension: Mapping[str, Any]) -> dict[str, Any]:
     """The order as the EHR sent it, with the coverage-information extension added. A new top-level
     object and extension list; the rest is shared with the request, which nothing modifies."""
+    own = order.get("extension")
     updated = dict(order)
-    updated["extension"] = [*(order.get("extension") or []), dict(extension)]
+    updated["extension"] = [*(own if isinstance(own, list) else [] if own is None else [own]), dict(extension)]
     return updated
 
 

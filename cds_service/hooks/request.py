@@ -8,6 +8,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..fhir.bundles import resources_in
+from .versions import DEFAULT as DEFAULT_VERSION
+from .versions import REQUESTED_VERSION, CrdVersion, requested_version, unsupported_version_message
+
+#: at most this many orders (draftOrders or appointments entries, selections, dispatchedOrders) per request;
+#: more is refused with 422 (too-costly)
+MAX_ORDERS = 100
 
 
 class RequestError(ValueError):
@@ -30,6 +36,7 @@ class FhirAccess:
 
     server: str
     access_token: str | None
+    scope: str | None = None
 
     def __repr__(self) -> str:
         return f"FhirAccess(server={self.server!r}, access_token={'***' if self.access_token else None})"
@@ -40,14 +47,22 @@ class HookRequest:
     hook: str
     hook_instance: str
     patient_id: str
-    user_id: str
+    user_id: str | None
     encounter_id: str | None
+    #: the order resources of the request: draftOrders (order-select/-sign), the dispatched orders once
+    #: resolved (order-dispatch), the appointments (appointment-book)
     draft_orders: list[Mapping[str, Any]]
     selections: list[str] | None
     prefetch: Mapping[str, Any]
     fhir: FhirAccess | None
     configuration: Mapping[str, Any] = field(default_factory=dict)
     context: Mapping[str, Any] = field(default_factory=dict)
+    #: how the request was read liberally (for the decision trace)
+    notes: list[str] = field(default_factory=list)
+    #: the CRD version the answer follows
+    version: CrdVersion = DEFAULT_VERSION
+    #: order-dispatch: the references of the dispatched orders
+    dispatched: list[str] | None = None
 
 
 # The longest values the audit log keeps in its bounded columns (storage/tables.py; a test keeps the two
@@ -73,8 +88,45 @@ def _text(data: Mapping[str, Any], key: str, where: str, required: bool = True) 
     return value
 
 
+def _too_many(count: int, what: str) -> RequestError:
+    return RequestError(f"{what} has {count} entries; this service decides at most {MAX_ORDERS} draft orders "
+                        "per request", status=422, code="too-costly")
+
+
+def _bundle_resources(context: Mapping[str, Any], key: str, notes: list[str]) -> list[Mapping[str, Any]]:
+    """The resources of a Bundle context field (draftOrders, appointments); a single ``entry`` object is
+    read as a one-element list."""
+    bundle = context.get(key)
+    if not isinstance(bundle, Mapping) or bundle.get("resourceType") != "Bundle":
+        raise RequestError(f"context.{key} is required and must be a FHIR Bundle")
+    entries = bundle.get("entry", [])
+    if isinstance(entries, Mapping):
+        notes.append(f"context.{key}.entry was sent as a single object; read as a one-element list")
+        bundle = {**bundle, "entry": [entries]}
+    elif entries is not None and not isinstance(entries, list):
+        raise RequestError(f"context.{key}.entry must be an array")
+    elif entries and len(entries) > MAX_ORDERS:
+        raise _too_many(len(entries), f"context.{key}")
+    return list(resources_in(bundle))
+
+
+def _references(context: Mapping[str, Any], key: str, notes: list[str]) -> list[str]:
+    """A non-empty array of references (selections, dispatchedOrders); a single string is read as a list."""
+    value = context.get(key)
+    if isinstance(value, str):
+        notes.append(f"context.{key} was sent as a string; read as a one-element list")
+        value = [value]
+    if not isinstance(value, list) or not value or not all(isinstance(v, str) and v for v in value):
+        raise RequestError(f"context.{key} is required: a non-empty array of references")
+    if len(value) > MAX_ORDERS:
+        raise _too_many(len(value), f"context.{key}")
+    return list(value)
+
+
 def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:
-    """Validate a hook request for a service of hook ``expected_hook``."""
+    """Validate a hook request for a service of hook ``expected_hook`` (order-select, order-sign,
+    order-dispatch or appointment-book). Unknown top-level elements, context keys and configuration
+    options are ignored (CRD hook-23, dev-17)."""
     if not isinstance(body, Mapping):
         raise RequestError("the request body must be a JSON object")
     hook = _text(body, "hook", "")
@@ -88,25 +140,22 @@ def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:
     if "user" in body and "userId" not in context:
         raise RequestError("context.userId is required (the pre-1.0 top-level 'user' field is not supported)")
     patient_id = _text(context, "patientId", "context.")
-    user_id = _text(context, "userId", "context.")
+    user_id = _text(context, "userId", "context.", required=hook != "order-dispatch")
     encounter_id = _text(context, "encounterId", "context.", required=False)
-    assert patient_id is not None and user_id is not None
+    assert patient_id is not None
     check_stored_lengths({"hookInstance": hook_instance, "context.patientId": patient_id})
-    draft = context.get("draftOrders")
-    if not isinstance(draft, Mapping) or draft.get("resourceType") != "Bundle":
-        raise RequestError("context.draftOrders is required and must be a FHIR Bundle")
-    entries = draft.get("entry", [])
-    if entries is not None and not isinstance(entries, list):
-        raise RequestError("context.draftOrders.entry must be an array")
-    draft_orders = list(resources_in(draft))
+    notes: list[str] = []
     selections: list[str] | None = None
-    if hook == "order-select":
-        raw_selections = context.get("selections")
-        if not isinstance(raw_selections, list) or not raw_selections or not all(
-            isinstance(s, str) and s for s in raw_selections
-        ):
-            raise RequestError("context.selections is required for order-select: a non-empty array of references")
-        selections = list(raw_selections)
+    dispatched: list[str] | None = None
+    if hook == "order-dispatch":
+        dispatched = _references(context, "dispatchedOrders", notes)
+        draft_orders: list[Mapping[str, Any]] = []
+    elif hook == "appointment-book":
+        draft_orders = _bundle_resources(context, "appointments", notes)
+    else:
+        draft_orders = _bundle_resources(context, "draftOrders", notes)
+        if hook == "order-select":
+            selections = _references(context, "selections", notes)
     prefetch = body.get("prefetch")
     if prefetch is None:
         prefetch = {}
@@ -115,6 +164,7 @@ def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:
     fhir_server = _text(body, "fhirServer", "", required=False)
     authorization = body.get("fhirAuthorization")
     access_token = None
+    scope = None
     if authorization is not None:
         if not isinstance(authorization, Mapping):
             raise RequestError("fhirAuthorization must be an object")
@@ -124,7 +174,13 @@ def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:
         token_type = _text(authorization, "token_type", "fhirAuthorization.")
         if token_type is None or token_type.lower() != "bearer":
             raise RequestError("fhirAuthorization.token_type must be 'Bearer'")
+        scope = authorization.get("scope") if isinstance(authorization.get("scope"), str) else None
     extension = body.get("extension")
+    version = requested_version(extension)
+    if version is None:
+        assert isinstance(extension, Mapping)
+        raise RequestError(unsupported_version_message(extension.get(REQUESTED_VERSION)), status=422,
+                           code="not-supported")
     configuration: Mapping[str, Any] = {}
     if isinstance(extension, Mapping) and isinstance(extension.get("davinci-crd.configuration"), Mapping):
         configuration = extension["davinci-crd.configuration"]
@@ -137,9 +193,12 @@ def parse_hook_request(body: Any, expected_hook: str) -> HookRequest:
         draft_orders=draft_orders,
         selections=selections,
         prefetch=prefetch,
-        fhir=FhirAccess(fhir_server, access_token) if fhir_server else None,
+        fhir=FhirAccess(fhir_server, access_token, scope) if fhir_server else None,
         configuration=configuration,
         context=context,
+        notes=notes,
+        version=version,
+        dispatched=dispatched,
     )
 
 

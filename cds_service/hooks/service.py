@@ -1,37 +1,78 @@
 """The coverage requirements service without its web layer: discovery, and answering a hook request
-with cards and coverage-information systemActions. The web layer and the offline ``evaluate``
-command both call this."""
+with cards and coverage-information systemActions, in the CRD version the request asks for. The web
+layer and the offline ``evaluate`` command both call this."""
 
 from __future__ import annotations
 
 import datetime as dt
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import httpx
-from fhir.resources.R4B import get_fhir_model_class
-from pydantic import ValidationError
 
 from ..engine.decision import Decision
 from ..engine.evaluate import decide
 from ..engine.orders import ORDER_TYPES, Medications, OrderFacts, medications_from, order_facts
 from ..engine.policy import Policy, PolicySet, TriggerMatch
-from ..engine.requirements import data_needs, prefetch_templates
+from ..engine.requirements import COVERAGE_NEED_KEY, data_needs, prefetch_templates
+from ..fhir.bundles import is_operation_outcome
 from ..fhir.client import FhirClient, ReadLimits
-from ..fhir.gather import DataNeed, gather_record
-from ..fhir.record import PatientRecord, validation_summary
+from ..fhir.gather import ClientFactory, DataNeed, gather_record
+from ..fhir.record import PatientRecord
 from ..urls import Allowlist, fhir_server_problem
 from .cards import CardRenderer
-from .coverage_info import annotated_order, coverage_information, new_assertion_id
+from .coverage_info import (
+    UNKNOWN_COVERAGE,
+    annotated_order,
+    coverage_information,
+    new_assertion_id,
+    not_assessed_information,
+)
+from .hook_orders import (
+    Decidable,
+    appointment_decidables,
+    based_on_service_requests,
+    reference_of,
+    resolve,
+    type_and_id,
+)
+from .payer import PayerIdentifier, payer_problem
+from .reading import as_r4_lists, check_order, unreadable_decision
 from .request import HookRequest, RequestError, parse_hook_request
+from .scopes import parse_scopes
+from .versions import declared
 
 SERVICES = {
     "coverage-requirements-order-select": "order-select",
     "coverage-requirements-order-sign": "order-sign",
+    "coverage-requirements-order-dispatch": "order-dispatch",
+    "coverage-requirements-appointment-book": "appointment-book",
 }
+#: CRD "primary" hooks: the answer always carries ``systemActions`` (the Coverage Information response type)
+PRIMARY_HOOKS = frozenset({"order-sign", "order-dispatch", "appointment-book"})
 _BILLING_SYSTEMS = {"cpt", "hcpcs"}
+#: prefetch of the resources a hook names by reference (CDS Hooks 3.0 FHIRPath tokens, CRD 2.2 style)
+_REFERENCED_PREFETCH = {
+    "order-dispatch": {
+        name: f"{rtype}?_id={{{{context.dispatchedOrders.resolve().ofType({rtype}).id}}}}"
+        for name, rtype in (("dispatchedServiceRequests", "ServiceRequest"),
+                            ("dispatchedDeviceRequests", "DeviceRequest"),
+                            ("dispatchedMedicationRequests", "MedicationRequest"))
+    },
+    "appointment-book": {
+        "basedOnServiceRequests": "ServiceRequest?_id={{context.appointments.entry.resource.ofType(Appointment)"
+                           ".basedOn.resolve().ofType(ServiceRequest).id}}",
+    },
+}
+_WHAT = {
+    "order-select": "draft orders (advisory only: no documentation requests on order-select)",
+    "order-sign": "draft orders",
+    "order-dispatch": "orders dispatched to a performer",
+    "appointment-book": "booked appointments (the ServiceRequest an appointment is based on, or the service it "
+                        "books)",
+}
 
 
 @dataclass(frozen=True)
@@ -42,6 +83,8 @@ class Settings:
     allow_http: bool = False
     contact_fhir_servers: bool = True
     fhir_limits: ReadLimits = field(default_factory=ReadLimits)
+    #: hook-13 (CRD 2.2 requests): the payers this deployment handles; empty: every Coverage is ours
+    payer_identifiers: tuple[PayerIdentifier, ...] = ()
 
 
 @dataclass
@@ -53,12 +96,41 @@ class HookResult:
     decisions: list[Decision] = field(default_factory=list)
     card_decisions: dict[str, str] = field(default_factory=dict)  # card uuid -> coverage-assertion-id
 
+    @property
+    def crd_version(self) -> str:
+        """The CRD version the answer follows (for the audit)."""
+        return self.request.version.label
+
 
 @dataclass(frozen=True)
 class InScope:
     policy: Policy
     match: TriggerMatch
     order: OrderFacts
+    #: what the coverage information is added to, when not the order itself
+    target: Mapping[str, Any] | None = None
+
+
+@dataclass
+class Scope:
+    """The orders as read (single objects read as lists), the orders in scope of a policy, and what the
+    reading noted per order reference."""
+
+    items: list[InScope]
+    facts: list[OrderFacts]
+    notes: dict[str, list[str]]
+    #: Medication resources an order may reference (the request's bundle and prefetch)
+    medications: Medications = field(default_factory=Medications)
+    #: per order reference, the resource its coverage information is added to when not the order itself
+    targets: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class FhirAccessPlan:
+    """How the EHR's FHIR server may be read for one request: a client factory, or why not."""
+
+    factory: ClientFactory | None
+    problem: str | None
 
 
 class CoverageService:
@@ -69,6 +141,7 @@ class CoverageService:
         self.settings = settings
         self.renderer = CardRenderer(cards_dir)
         self.all_needs = data_needs(policies.policies, policies.systems)
+        self.coverage_needs = [n for n in self.all_needs if n.key == COVERAGE_NEED_KEY]
         self._needs: dict[tuple[str, ...], list[DataNeed]] = {}
         self._transport = transport
         self._today = today or (lambda: dt.datetime.now(dt.UTC).date())
@@ -80,34 +153,38 @@ class CoverageService:
         prefetch = prefetch_templates(self.all_needs)
         services = []
         for service_id, hook in SERVICES.items():
-            advisory = hook == "order-select"
             services.append({
                 "hook": hook,
                 "id": service_id,
                 "title": f"{self.settings.payer_name} coverage requirements ({hook})",
                 "description": (
-                    f"Coverage information for draft orders under medical policies {titles}: an advisory card "
-                    "and a Da Vinci CRD coverage-information systemAction per order in scope"
-                    + (" (advisory only: no documentation requests on order-select)." if advisory else ".")
+                    f"Coverage information for {_WHAT[hook]} under medical policies {titles}: a Da Vinci CRD "
+                    "coverage-information systemAction per order in scope, an External Reference card with "
+                    "the policy, and an Instructions card when something must be done or documented."
                 ),
-                "prefetch": prefetch,
+                "prefetch": {**_REFERENCED_PREFETCH.get(hook, {}), **prefetch},
                 "usageRequirements": (
                     "Send the prefetch keys advertised here, or fhirServer with fhirAuthorization granting "
-                    "patient-scoped read of Condition, Observation, Procedure, MedicationStatement, "
-                    "MedicationAdministration, AllergyIntolerance and Coverage. Without either, a request "
-                    "with an order in scope is answered with HTTP 412."
+                    "patient-scoped search of Condition, Observation, Procedure, MedicationStatement, "
+                    "MedicationAdministration, AllergyIntolerance and Coverage (SMART v1 '.read' or v2 '.rs' "
+                    "scopes). Without either, a request with an order in scope is answered with HTTP 412. "
+                    "CRD 2.2 answers need extension.davinci-crd.requestedVersion = \"2.2\"; without it the "
+                    "answer follows CRD 2.0.1."
                 ),
                 "extension": {
+                    "davinci-crd.version": declared(),
                     "davinci-crd.configuration-options": [
                         {
                             "code": "coverage-info",
                             "type": "boolean",
-                            "name": "Coverage information cards",
-                            "description": "Return a coverage-information card for each order in scope "
-                                           "(the coverage-information systemActions are always returned).",
+                            "name": "Coverage information",
+                            "description": "Return the coverage cards (External Reference, Instructions) and, "
+                                           "for CRD 2.2 requests, the coverage-information systemActions for "
+                                           "each order in scope (for CRD 2.0 requests the systemActions are "
+                                           "always returned).",
                             "default": True,
                         }
-                    ]
+                    ],
                 },
             })
         return {"services": services}
@@ -123,38 +200,79 @@ class CoverageService:
             raise RequestError(f"no service {service_id!r}", status=404, code="not-found")
         return parse_hook_request(body, hook)
 
-    @staticmethod
-    def medications(request: HookRequest) -> Medications:
-        """Medications a draft order may reference: in the draftOrders Bundle (by fullUrl) and the prefetch."""
-        return medications_from([request.context.get("draftOrders"), *request.prefetch.values()])
+    def fhir_access(self, request: HookRequest, fhir_server_allowlist: Allowlist | None) -> FhirAccessPlan:
+        if not self.settings.contact_fhir_servers:
+            return FhirAccessPlan(None, "offline evaluation does not contact FHIR servers")
+        if request.fhir is None or not request.fhir.access_token:
+            return FhirAccessPlan(None, "the request has no fhirServer and fhirAuthorization")
+        problem = fhir_server_problem(request.fhir.server, self.settings.allow_http, fhir_server_allowlist)
+        if problem is not None:
+            return FhirAccessPlan(None, problem)
+        access = request.fhir
 
-    def in_scope(self, request: HookRequest, medications: Medications) -> tuple[list[InScope], list[OrderFacts]]:
+        def factory() -> FhirClient:
+            return FhirClient(access.server, access.access_token, self.settings.fhir_timeout_seconds,
+                              transport=self._transport, limits=self.settings.fhir_limits)
+
+        return FhirAccessPlan(factory, None)
+
+    async def decidables(self, request: HookRequest, access: FhirAccessPlan) -> list[Decidable]:
+        """The resources the policies decide for this hook (see hook_orders)."""
+        scopes = parse_scopes(request.fhir.scope if request.fhir else None)
+        if request.dispatched is not None:
+            request.draft_orders = await resolve(request.dispatched, request.prefetch, access.factory,
+                                                 access.problem, scopes)
+            return [Decidable(r) for r in request.draft_orders]
+        if request.hook == "appointment-book":
+            refs = [r for a in request.draft_orders if a.get("resourceType") == "Appointment"
+                    for r in based_on_service_requests(a)]
+            found = await resolve(refs, request.prefetch, access.factory, access.problem, scopes) if refs else []
+            by_ref = {reference_of(r): r for r in found}
+            return appointment_decidables(request.draft_orders, by_ref, request.patient_id)
+        return [Decidable(r) for r in request.draft_orders]
+
+    def in_scope(self, request: HookRequest, decidables: Sequence[Decidable] | None = None) -> Scope:
         systems = self.policies.systems
-        bundle = request.draft_orders
+        items = [Decidable(r) for r in request.draft_orders] if decidables is None else decidables
+        bundle: list[Mapping[str, Any]] = []
+        targets: dict[str, Mapping[str, Any]] = {}
+        notes: dict[str, list[str]] = {}
+        for item in items:
+            read, found = as_r4_lists(item.resource)
+            bundle.append(read)
+            if found:
+                notes[reference_of(read)] = found
+            if item.target is not None:
+                targets[reference_of(read)] = item.target
+        medications = medications_from([request.context.get("draftOrders"), *request.prefetch.values()])
         facts = [order_facts(systems, r, medications) for r in bundle if r.get("resourceType") in ORDER_TYPES]
         selected = facts
         if request.selections is not None:
-            wanted = set(request.selections)
-            selected = [f for f in facts if f.reference in wanted or any(f.matches_reference(s) for s in wanted)]
-        found = []
+            chosen = {type_and_id(s) for s in request.selections}
+            selected = [f for f in facts if f.id and f.reference in chosen]
+        found_items = []
         for order in selected:
             for policy in self.policies.policies:
                 match = policy.trigger_for(order, facts)
                 if match is not None:
-                    found.append(InScope(policy, match, order))
-        return found, facts
+                    found_items.append(InScope(policy, match, order, targets.get(order.reference)))
+        return Scope(found_items, facts, notes, medications, targets)
 
-    @staticmethod
-    def validate_orders(scope: Sequence[InScope]) -> None:
-        for item in scope:
-            model = get_fhir_model_class(item.order.resource_type)
-            try:
-                model.model_validate(item.order.raw)
-            except ValidationError as error:
-                raise RequestError(
-                    f"draft order {item.order.reference} is not a valid FHIR R4 {item.order.resource_type}: "
-                    f"{validation_summary(error)}"
-                ) from None
+    def unreadable(self, scope: Scope) -> dict[str, list[str]]:
+        """Per in-scope order reference: faults on elements the decision reads (the order is decided
+        as unreadable). Faults on other elements are noted and otherwise ignored."""
+        systems = self.policies.systems
+        out: dict[str, list[str]] = {}
+        for item in scope.items:
+            reference = item.order.reference
+            if reference in out:
+                continue
+            check = check_order(item.order.raw, lambda raw: order_facts(systems, raw, scope.medications))
+            out[reference] = check.unreadable
+            if check.ignored:
+                scope.notes.setdefault(reference, []).append(
+                    "not valid FHIR R4, and not read by the decision: " + "; ".join(check.ignored))
+        return out
 
     def needs_for(self, policies: Sequence[Policy]) -> list[DataNeed]:
         """What the in-scope policies read, merged per resource type (a type scoped by several policies'
@@ -166,99 +284,169 @@ class CoverageService:
 
     async def record_for(self, request: HookRequest, policies: Sequence[Policy],
                          fhir_server_allowlist: Allowlist | None) -> PatientRecord:
-        needs = self.needs_for(policies)
-        factory = None
-        problem = None
-        if not self.settings.contact_fhir_servers:
-            problem = "offline evaluation does not contact FHIR servers"
-        elif request.fhir is None or not request.fhir.access_token:
-            problem = "the request has no fhirServer and fhirAuthorization"
-        else:
-            problem = fhir_server_problem(request.fhir.server, self.settings.allow_http, fhir_server_allowlist)
-        if problem is None and request.fhir is not None:
-            access = request.fhir
+        """The record the given policies read."""
+        return await self.gather(request, self.needs_for(policies), self.fhir_access(request, fhir_server_allowlist))
 
-            def factory() -> FhirClient:
-                return FhirClient(access.server, access.access_token, self.settings.fhir_timeout_seconds,
-                                  transport=self._transport, limits=self.settings.fhir_limits)
+    async def gather(self, request: HookRequest, needs: Sequence[DataNeed], access: FhirAccessPlan) -> PatientRecord:
+        """The record for ``needs``; a search the token's scope does not grant is not made (the data is
+        then unavailable, saying why)."""
+        scopes = parse_scopes(request.fhir.scope if request.fhir else None)
+        denied = [n for n in needs if access.factory is not None and not scopes.allows_search(n.resource_type)
+                  and (n.key not in request.prefetch or is_operation_outcome(request.prefetch[n.key]))]
+        record = await gather_record([n for n in needs if n not in denied], request.prefetch, request.patient_id,
+                                     access.factory, access.problem)
+        for need in denied:
+            record.mark_unavailable(need.resource_type, "the access token's scope does not allow reading it")
+        return record
 
-        return await gather_record(needs, request.prefetch, request.patient_id, factory, problem)
+    def check_payer(self, request: HookRequest, record: PatientRecord) -> None:
+        """hook-13 (CRD 2.2, payer identifiers configured): 400 unless the primary Coverage is ours."""
+        if not request.version.checks_payer or not self.settings.payer_identifiers:
+            return
+        if "Coverage" in record.unavailable and request.fhir is not None and request.fhir.access_token:
+            request.notes.append("the patient's Coverage could not be read, so whose member this is was not "
+                                 f"checked ({record.unavailable['Coverage']})")
+            return
+        problem = payer_problem(record.raw_of_type("Coverage"), self.settings.payer_identifiers)
+        if problem is not None:
+            raise RequestError(f"not a member of a payer this service handles: {problem}")
 
     async def handle(self, service_id: str, body: Any, base_url: str,
                      fhir_server_allowlist: Allowlist | None = None) -> HookResult:
         """Answer one hook call. Raises RequestError (4xx) and DataUnavailable (412)."""
         request = self.parse(service_id, body)
-        medications = self.medications(request)
-        scope, facts = self.in_scope(request, medications)
-        result = HookResult(response={"cards": []}, request=request)
-        if not scope:
+        access = self.fhir_access(request, fhir_server_allowlist)
+        scope = self.in_scope(request, await self.decidables(request, access))
+        result = HookResult(response=self._answer([], [], request.hook), request=request)
+        unreadable = self.unreadable(scope) if scope.items else {}
+        readable = [item.policy for item in scope.items if not unreadable[item.order.reference]]
+        policies = list({policy.id: policy for policy in readable}.values())
+        record = None
+        if policies:
+            record = await self.gather(request, self.needs_for(policies), access)
+        if request.version.checks_payer and self.settings.payer_identifiers:
+            if record is None:
+                record = await self.gather(request, self.coverage_needs, access)
+            self.check_payer(request, record)
+        if not scope.items and request.hook not in PRIMARY_HOOKS:
             return result
-        self.validate_orders(scope)
-        policies = list({item.policy.id: item.policy for item in scope}.values())
-        record = await self.record_for(request, policies, fhir_server_allowlist)
-        return self.respond(request, scope, facts, record, base_url, result, medications)
+        return self.respond(request, scope, unreadable, record or PatientRecord(), base_url, result)
 
-    def respond(self, request: HookRequest, scope: Sequence[InScope], facts: Sequence[OrderFacts],
-                record: PatientRecord, base_url: str, result: HookResult,
-                medications: Medications | None = None) -> HookResult:
+    @staticmethod
+    def _answer(cards: list[dict[str, Any]], actions: list[dict[str, Any]], hook: str) -> dict[str, Any]:
+        """CDS Hooks response: ``systemActions`` only when there are some, except on the primary hooks,
+        where CRD requires the field (then possibly empty)."""
+        return {"cards": cards, **({"systemActions": actions} if actions or hook in PRIMARY_HOOKS else {})}
+
+    def respond(self, request: HookRequest, scope: Scope, unreadable: Mapping[str, list[str]],
+                record: PatientRecord, base_url: str, result: HookResult) -> HookResult:
+        version = request.version
         advisory_only = request.hook == "order-select"
-        show_cards = request.configuration.get("coverage-info", True) is not False
+        wanted = request.configuration.get("coverage-info", True) is not False
         today = self._today().isoformat()
-        coverage_ref = self._coverage_reference(record)
+        coverage = self._coverage_reference(record)
+        for medication in record.raw_of_type("Medication"):  # read from the FHIR server with the record
+            scope.medications.add(medication)
         cards: list[dict[str, Any]] = []
-        actions: list[dict[str, Any]] = []
         annotated: dict[str, dict[str, Any]] = {}
-        known = medications or Medications()
-        for raw in record.raw_of_type("Medication"):
-            known.add(raw)
-        for item in scope:
-            decision = decide(self.policies, item.policy, item.match, item.order, facts, record,
-                              today=self._today(), medications=known)
+        for item in scope.items:
+            decision = self._decide(item, scope, unreadable, record)
+            shown_notes = list(decision.notes)
+            decision.notes.extend([*request.notes, *scope.notes.get(item.order.reference, [])])
             result.decisions.append(decision)
             if not decision.decided:
                 continue
             assertion_id = new_assertion_id()
+            order_coverage = {"reference": item.order.insurance[0]} if item.order.insurance else coverage
+            policy_url = self.policy_url(item.policy, base_url)
             extension = coverage_information(
                 decision,
+                version=version,
                 assertion_id=assertion_id,
                 date=today,
-                coverage_reference=item.order.insurance[0] if item.order.insurance else coverage_ref,
+                coverage=order_coverage,
                 billing_code=self._billing_code(item),
                 prior_authorization=item.policy.prior_authorization,
                 advisory_only=advisory_only,
+                policy_url=policy_url,
             )
-            base = annotated.get(item.order.reference, dict(item.order.raw))
-            annotated[item.order.reference] = annotated_order(base, extension)
-            if show_cards:
-                card = self.renderer.card(
+            target = item.target if item.target is not None else item.order.raw
+            reference = decision.order_reference
+            annotated[reference] = annotated_order(annotated.get(reference, dict(target)), extension)
+            if wanted:
+                for card in self.renderer.cards(
                     decision,
+                    trigger_label=item.match.trigger.label,
                     order_label=f"{item.match.trigger.label} ({item.order.code.label()})",
                     payer_name=self.settings.payer_name,
-                    policy_url=self.policy_url(item.policy, base_url),
+                    policy_url=policy_url,
                     advisory_only=advisory_only,
-                )
-                cards.append(card)
-                result.card_decisions[card["uuid"]] = assertion_id
-        for reference, resource in annotated.items():
-            actions.append({
-                "type": "update",
-                "description": f"Add coverage information to {reference}",
-                "resource": resource,
-            })
-        result.response = {"cards": cards, **({"systemActions": actions} if actions else {})}
+                    topic=version.card_topic,
+                    coverage_known=order_coverage is not UNKNOWN_COVERAGE,
+                    notes=shown_notes,
+                ):
+                    cards.append(card)
+                    result.card_decisions[card["uuid"]] = assertion_id
+        if request.hook in PRIMARY_HOOKS:
+            self._not_assessed(request, scope, result.decisions, annotated, coverage, today)
+        actions = []
+        if wanted or not version.configuration_covers_system_actions:
+            actions = [{"type": "update", "description": f"Add coverage information to {reference}",
+                        "resource": resource} for reference, resource in annotated.items()]
+        result.response = self._answer(cards, actions, request.hook)
         return result
+
+    def _not_assessed(self, request: HookRequest, scope: Scope, decisions: Sequence[Decision],
+                      annotated: dict[str, dict[str, Any]], coverage: Mapping[str, Any], today: str) -> None:
+        """Coverage information for every other order of a primary hook (CRD hook-16): no policy of this
+        service assesses it, said as such, with nothing asked of the clinician."""
+        ids = ", ".join(p.id for p in self.policies.policies)
+        why = {d.order_reference: d.reason for d in decisions if not d.decided and d.reason}
+        for order in scope.facts:
+            reference = order.reference
+            target = scope.targets.get(reference)
+            shown = reference_of(target) if target is not None else reference
+            if shown in annotated or not order.id:
+                continue
+            reason = (f"Not assessed by this service: {why[reference]}" if reference in why else
+                      f"Not assessed by this service, which decides coverage under medical policies {ids} only; "
+                      "none of them applies to this order.")
+            extension = not_assessed_information(
+                version=request.version, assertion_id=new_assertion_id(), date=today,
+                coverage={"reference": order.insurance[0]} if order.insurance else coverage,
+                reason=reason + " Coverage depends on the member's benefits and the payer's other policies.")
+            annotated[shown] = annotated_order(target if target is not None else order.raw, extension)
+
+    def _decide(self, item: InScope, scope: Scope, unreadable: Mapping[str, list[str]],
+                record: PatientRecord) -> Decision:
+        """One policy's decision on one order; for a resource decided through another's view (an
+        Appointment booking a service), the decision names the resource the EHR sent."""
+        reference = item.order.reference
+        if unreadable[reference]:
+            decision = unreadable_decision(item.policy.id, item.policy.title, reference, unreadable[reference])
+        else:
+            decision = decide(self.policies, item.policy, item.match, item.order, scope.facts, record,
+                              today=self._today(), medications=scope.medications)
+        if item.target is not None:
+            target = reference_of(item.target)
+            decision.order_reference = target
+            decision.evidence = [replace(e, reference=target) if e.reference == reference else e
+                                 for e in decision.evidence]
+            decision.notes.append(f"{target} books the service decided here (read as {reference})")
+        return decision
 
     def policy_url(self, policy: Policy, base_url: str) -> str:
         base = (self.settings.public_base_url or base_url).rstrip("/")
         return f"{base}/policies/{policy.id}"
 
-    def _coverage_reference(self, record: PatientRecord) -> str | None:
+    def _coverage_reference(self, record: PatientRecord) -> Mapping[str, Any]:
         """The patient's active Coverage, for the coverage-information extension (it is not evidence
-        for a decision, so it is read without validating the resource)."""
+        for a decision, so it is read without validating the resource); without one,
+        :data:`UNKNOWN_COVERAGE`."""
         for coverage in record.raw_of_type("Coverage"):
             if coverage.get("status") in (None, "active") and isinstance(coverage.get("id"), str):
-                return f"Coverage/{coverage['id']}"
-        return None
+                return {"reference": f"Coverage/{coverage['id']}"}
+        return UNKNOWN_COVERAGE
 
     def _billing_code(self, item: InScope) -> Mapping[str, str] | None:
         systems = self.policies.systems

@@ -46,6 +46,8 @@ class AuditRecord:
     response: Any
     request: Any
     cards: Sequence[Mapping[str, Any]] = ()
+    #: the Da Vinci CRD version the answer followed ("2.0.1", "2.2.1"); None when no answer was made
+    crd_version: str | None = None
     key: str = field(default_factory=new_key)
 
     DOCUMENTS: ClassVar[tuple[str, ...]] = ("orders", "decisions", "response", "request")

@@ -113,13 +113,17 @@ class Store:
         else appended to the spool (waiting at most HANDOFF_SECONDS for the disk; the append goes on)."""
         if self._writer is None or self._background is None:
             raise RuntimeError("this store has no audit writer")
-        if self._writer.submit(record):
+        if self.submit_audit(record):
             return
         future = self._background.submit(self._overflow, record)
         try:
             await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), HANDOFF_SECONDS)
         except TimeoutError:
             log.warning("audit spool slow: the record of %s is still being written", record.describe())
+
+    def submit_audit(self, record: Record) -> bool:
+        """Queue a record for the writer without waiting; False when the writer is behind or gone."""
+        return self._writer is not None and self._writer.submit(record)
 
     def _overflow(self, record: Record) -> None:
         assert self.spool is not None and self._writer is not None
@@ -160,6 +164,7 @@ class Store:
                     "hook_instance": r.hook_instance, "issuer": r.issuer, "patient_id": r.patient_id,
                     "status_code": r.status_code, "latency_ms": r.latency_ms, "orders": r.orders,
                     "decisions": r.decisions, "response": r.response, "request": r.request, "record_key": r.key,
+                    "crd_version": r.crd_version,
                 }) for r in audits])
                 cards = [storable(card_decision, dict(c)) for r in audits for c in r.cards]
                 if cards:

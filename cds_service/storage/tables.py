@@ -56,6 +56,7 @@ hook_audit = sa.Table(
     sa.Column("response", JSONBytes),
     sa.Column("request", JSONBytes),
     sa.Column("record_key", sa.String(40), nullable=False),
+    sa.Column("crd_version", sa.String(16)),
     sa.Index("uq_hook_audit_record_key", "record_key", unique=True),
 )
 

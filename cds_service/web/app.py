@@ -20,7 +20,7 @@ from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import PlainTextResponse, Response
+from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from ..auth.jwt import AuthError, JwtAuthenticator, Principal
@@ -29,6 +29,8 @@ from ..engine.policy import load_policies
 from ..fhir.client import ReadLimits
 from ..fhir.gather import DataUnavailable
 from ..hooks.feedback import FeedbackError, parse_feedback
+from ..hooks.payer import PayerIdentifier
+from ..hooks.policy_page import CONTENT_SECURITY_POLICY, policy_page
 from ..hooks.request import RequestError, redact
 from ..hooks.service import CoverageService, HookResult, Settings
 from ..jsonutil import JSONDecodeError, JSONTooDeep, dumps, loads
@@ -204,6 +206,7 @@ class CdsApp:
             response=bytes(response.body) if response.body else None,
             request=request_json,
             cards=cards,
+            crd_version=result.crd_version if result is not None else None,
         )
         await self.store.hand_off(record)
 
@@ -239,7 +242,9 @@ class CdsApp:
         policy = self.service.policies.get(request.path_params["policy_id"])
         if policy is None or policy.text_path is None:
             return operation_outcome(404, "no such policy", "not-found")
-        return PlainTextResponse(policy.text_path.read_text(encoding="utf-8"))
+        page = policy_page(policy.id, policy.title, policy.text_path)
+        return HTMLResponse(page, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY,
+                                           "X-Content-Type-Options": "nosniff"})
 
 
 def _text(data: Any, key: str) -> str | None:
@@ -277,6 +282,7 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
             fhir_timeout_seconds=config.fhir.timeout_seconds,
             allow_http=config.fhir.allow_http,
             fhir_limits=ReadLimits(config.fhir.max_total_bytes, config.fhir.max_resources),
+            payer_identifiers=tuple(PayerIdentifier.parse(t) for t in config.service.payer_identifiers),
         ),
         transport=fhir_transport,
     )
