@@ -1,8 +1,9 @@
 # cds-service: CDS Hooks coverage requirements service.
-# Build: docker build -t cds-service .
-# Run:   docker run -p 8080:8080 -v "$PWD/cds.toml:/etc/cds/cds.toml:ro" cds-service
+# Build: docker build -t cds-service .        (podman build the same)
+# Run:   see README.md, "Docker": mount a config at /etc/cds/cds.toml and a volume at /var/lib/cds.
 # The config must enable JWT authentication: the service refuses to listen on 0.0.0.0 without it.
-FROM python:3.11-slim
+ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
+FROM ${PYTHON_IMAGE}
 
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
@@ -10,17 +11,29 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 
 WORKDIR /build
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md constraints.txt ./
 COPY cds_service ./cds_service
 COPY policies ./policies
 COPY cards ./cards
-RUN pip install . && rm -rf /build
+# Every dependency, and the build backend, at the version constraints.txt pins (CI installs from it too).
+RUN PIP_CONSTRAINT=/build/constraints.txt pip install . && rm -rf /build
 
-RUN useradd --system --uid 10001 --home-dir /var/lib/cds --create-home cds
-USER cds
+# A numeric user, so that Kubernetes' runAsNonRoot can verify it, owning the data directory: the SQLite
+# database (audit log, feedback, JWT replay store) and the audit spool live there. It is a volume: mount
+# one (README), or the data goes with the container.
+RUN groupadd --system --gid 10001 cds \
+ && useradd --system --uid 10001 --gid 10001 --home-dir /var/lib/cds --no-create-home --shell /usr/sbin/nologin cds \
+ && mkdir -p /var/lib/cds \
+ && chown 10001:10001 /var/lib/cds
+VOLUME /var/lib/cds
 WORKDIR /var/lib/cds
+USER 10001:10001
 
+# The port the service listens on; the health check follows it (docker run -e CDS_PORT=9000 -p 9000:9000).
+ENV CDS_PORT=8080
 EXPOSE 8080
 STOPSIGNAL SIGTERM
-HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/health').status != 200)"
-CMD ["cds-service", "serve", "--host", "0.0.0.0", "--port", "8080", "--config", "/etc/cds/cds.toml"]
+HEALTHCHECK --interval=30s --timeout=3s --start-period=30s \
+    CMD ["python", "-c", "import os, sys, urllib.request; port = os.environ.get('CDS_PORT', '8080'); sys.exit(urllib.request.urlopen(f'http://127.0.0.1:{port}/health', timeout=2).status != 200)"]
+# exec: the service is PID 1 and gets SIGTERM itself (a graceful stop spools what the audit writer holds)
+CMD ["sh", "-c", "exec cds-service serve --host 0.0.0.0 --port \"$CDS_PORT\" --config /etc/cds/cds.toml"]

@@ -23,6 +23,7 @@ from .paths import data_dir
 from .urls import is_loopback
 
 if TYPE_CHECKING:
+    from .storage.spool import Spool
     from .storage.store import Store
 
 
@@ -52,7 +53,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
               f"address (not {args.host}).", file=sys.stderr)
         return 2
     load_policies(data_dir("policies", config.service.policies_dir))  # fail fast on a bad policy file
-    Store(config.storage.url, writer="none").close()  # run migrations once, before any worker starts
+    # run migrations once, before any worker starts; a database that is away does not stop the service
+    # (it answers hooks without one; the audit writer migrates when the database is back)
+    Store(config.storage.url, writer="none", database_timeout=config.storage.database_timeout_seconds,
+          require_database=False).close()
     if args.config:
         os.environ[ENV_CONFIG] = str(Path(args.config).resolve())
     os.environ[ENV_HEADER_READ_TIMEOUT] = str(config.server.header_read_timeout_seconds)
@@ -150,6 +154,56 @@ def cmd_audit_prune(args: argparse.Namespace) -> int:
     return 0
 
 
+def _spool(args: argparse.Namespace) -> Spool:
+    from .storage.spool import Spool, default_spool_dir
+
+    storage = _config(args).storage
+    directory = args.spool or storage.spool_dir or default_spool_dir(storage.url)
+    return Spool(directory, storage.spool_max_bytes)
+
+
+def cmd_audit_status(args: argparse.Namespace) -> int:
+    """The spool of this host (needs no database): what waits, the oldest record's age, the drops."""
+    spool = _spool(args)
+    try:
+        status = spool.status()
+    finally:
+        spool.close()
+    age = status.oldest_age_seconds()
+    if args.json:
+        _print_json({"spool": status.directory, "records": status.records, "bytes": status.bytes,
+                     "max_bytes": status.max_bytes, "oldest_age_seconds": age, "dropped": status.dropped,
+                     "replaying": status.replaying})
+        return 0
+    print(f"spool: {status.directory}")
+    print(f"records waiting: {status.records} ({status.bytes} of {status.max_bytes} bytes)")
+    oldest = "-" if age is None else f"{age:.0f} s (received {status.oldest:%Y-%m-%dT%H:%M:%SZ})"
+    print(f"oldest record age: {oldest}")
+    drops = ", ".join(f"{reason} {n}" for reason, n in sorted(status.dropped.items())) or "none"
+    print(f"dropped: {sum(status.dropped.values())} ({drops})")
+    print(f"replaying: {'yes, by a running service' if status.replaying else 'no'}")
+    return 0
+
+
+def cmd_audit_replay(args: argparse.Namespace) -> int:
+    """Write a spool (this host's, or one copied from another host) into the database, then exit."""
+    spool = _spool(args)
+    try:
+        if not spool.acquire_replay():
+            print(f"{spool.directory}: a running service is replaying this spool", file=sys.stderr)
+            return 1
+        with _store(args) as store:
+            written = 0
+            while (chunk := spool.read()) is not None:
+                spool.reject(store.write_records(chunk.records))
+                spool.advance(chunk.end)
+                written += len(chunk.records)
+    finally:
+        spool.close()
+    print(f"replayed {written} records from {spool.directory}", file=sys.stderr)
+    return 0
+
+
 def cmd_feedback_export(args: argparse.Namespace) -> int:
     with _store(args) as store:
         for row in store.feedback_export():
@@ -184,6 +238,15 @@ def parser() -> argparse.ArgumentParser:
     prune = with_config(audit.add_parser("prune", help="delete audit records older than DAYS"))
     prune.add_argument("--older-than", type=int, required=True, metavar="DAYS")
     prune.set_defaults(func=cmd_audit_prune)
+
+    status = with_config(audit.add_parser("status", help="this host's audit spool: records waiting, oldest, drops"))
+    status.add_argument("--spool", help="spool directory (default: from the configuration)")
+    status.add_argument("--json", action="store_true", help="one JSON object")
+    status.set_defaults(func=cmd_audit_status)
+    replay = with_config(audit.add_parser("replay", help="write a spool into the database (e.g. one copied "
+                                                           "from another host)"))
+    replay.add_argument("--spool", help="spool directory (default: from the configuration)")
+    replay.set_defaults(func=cmd_audit_replay)
 
     feedback = sub.add_parser("feedback", help="card feedback").add_subparsers(dest="action", required=True)
     fexport = with_config(feedback.add_parser("export", help="print feedback (with its decision) as JSON lines"))

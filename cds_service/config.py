@@ -79,6 +79,9 @@ class ServerSettings:
 class StorageSettings:
     url: str = DEFAULT_DATABASE
     audit_writer: str = "process"
+    spool_dir: str | None = None  # default: beside the SQLite file, else in the working directory
+    spool_max_bytes: int = 1 << 30
+    database_timeout_seconds: float = 5.0
 
 
 @dataclass
@@ -162,6 +165,10 @@ def validate(config: Config) -> None:
         raise ConfigError('storage.audit_writer must be "process" or "thread"')
     if not config.storage.url.startswith(("sqlite:", "postgresql:", "postgresql+psycopg:")):
         raise ConfigError("storage.url must be sqlite:///... or postgresql://...")
+    if config.storage.spool_max_bytes < 1 << 16:
+        raise ConfigError("storage.spool_max_bytes must be at least 65536 (it is in bytes)")
+    if not 0.5 <= config.storage.database_timeout_seconds <= 60:
+        raise ConfigError("storage.database_timeout_seconds must be between 0.5 and 60")
     if config.service.public_base_url is not None:
         _base_url(config.service.public_base_url, "service.public_base_url")
 

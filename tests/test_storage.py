@@ -55,6 +55,7 @@ def test_every_hook_call_is_audited(storage_url: str) -> None:
     assert (decision["policy"], decision["outcome"], decision["rule"]) == ("MP-446", "not-covered", "chronic-pain")
     assert decision["evidence"] and decision["clause"]
     assert first["response"] == ok.json()
+    assert first["crd_version"] == "2.0.1" and records[1]["crd_version"] is None  # the 400 followed none
     assert first["latency_ms"] > 0
     assert "access_token" not in first["request"]["fhirAuthorization"]
     assert first["request"]["fhirAuthorization"]["scope"] == "patient/*.read"
@@ -87,7 +88,7 @@ def test_schema_is_migrated_once_and_versioned(storage_url: str) -> None:
     with store.engine.connect() as connection:
         version = connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
     store.close()
-    assert version == "0001"
+    assert version == "0003"
 
 
 def test_replay_store_claims_each_jti_once(storage_url: str) -> None:
@@ -183,15 +184,15 @@ def test_cli_export_and_prune(storage_url: str, tmp_path: Path) -> None:
     assert len(cli("audit", "export", "--config", str(config)).stdout.splitlines()) == 1
 
 
+def test_process_writer_flushes_everything_on_close(storage_url: str, tmp_path: Path) -> None:
+    store = Store(storage_url, writer="process", max_queued=8, spool_dir=tmp_path / "spool")
 
+    async def hand_off_all() -> None:
+        for _ in range(100):
+            await store.hand_off(AuditRecord(dt.datetime.now(dt.UTC), "svc", "order-sign", "h", None, "p1", 200,
+                                             1.0, ["X/1"], b"[]", b'{"cards":[]}', b'{"hook":"order-sign"}'))
 
-def test_process_writer_flushes_everything_on_close(storage_url: str) -> None:
-    store = Store(storage_url, writer="process", max_queued=8)
-    record = AuditRecord(dt.datetime.now(dt.UTC), "svc", "order-sign", "h", None, "p1", 200, 1.0,
-                         ["X/1"], b"[]", b'{"cards":[]}', b'{"hook":"order-sign"}')
-    for _ in range(100):
-        if not store.submit_audit(record):  # backpressure: the caller writes it itself
-            store.write_audit([record])
+    asyncio.run(hand_off_all())
     store.close()
     check = Store(storage_url, writer="none")
     try:

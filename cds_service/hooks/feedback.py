@@ -11,6 +11,11 @@ class FeedbackError(ValueError):
     pass
 
 
+# The longest values the feedback store keeps in its bounded columns (storage/tables.py; a test keeps the
+# two equal): a longer one is refused, naming the field.
+STORED_LENGTHS = {"card": 64, "outcomeTimestamp": 64}
+
+
 def _timestamp(value: Any, where: str) -> None:
     if not isinstance(value, str):
         raise FeedbackError(f"{where}.outcomeTimestamp is required (an ISO 8601 date-time)")
@@ -38,6 +43,9 @@ def parse_feedback(body: Any) -> list[Mapping[str, Any]]:
         if outcome not in ("accepted", "overridden"):
             raise FeedbackError(f"{where}.outcome must be 'accepted' or 'overridden'")
         _timestamp(entry.get("outcomeTimestamp"), where)
+        for key in STORED_LENGTHS:
+            if len(entry[key]) > STORED_LENGTHS[key]:
+                raise FeedbackError(f"{where}.{key} is longer than {STORED_LENGTHS[key]} characters")
         suggestions = entry.get("acceptedSuggestions")
         if outcome == "accepted":
             if not isinstance(suggestions, list) or not suggestions or not all(

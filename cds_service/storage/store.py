@@ -1,99 +1,226 @@
 """The audit log, the feedback store and the JWT replay store, on one database.
 
-Audit records are written off the request path by a writer (writer.py), in batches; ``close()``
-(called on graceful shutdown, e.g. SIGTERM under uvicorn) flushes everything still queued, so no
-record of an answered request is lost on a graceful stop.
+Audit and feedback records leave the request path through :meth:`Store.hand_off`, which never waits
+for the database: the record is queued for the writer (writer.py), or, when the writer is behind,
+appended to the local spool (spool.py) within ``HANDOFF_SECONDS``. The writer stores records
+idempotently (each has a unique key), and isolates a record the database refuses instead of failing
+its batch. ``close()`` (on graceful shutdown, e.g. SIGTERM under uvicorn) flushes what is queued to
+the database, or to the spool when the database does not take it in time.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
+import threading
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from concurrent.futures import Future
+from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
+from .background import Background
 from .db import engine_for, migrate
-from .tables import card_decision, feedback, hook_audit, jwt_replay
-from .writer import AuditWriter, ProcessWriter, ThreadWriter
+from .health import DatabaseProbe
+from .records import AuditRecord, FeedbackRecord, Record
+from .spool import DEFAULT_MAX_BYTES, Spool, default_spool_dir
+from .tables import card_decision, feedback, hook_audit, jwt_replay, storable
+from .writer import AuditWriter, ProcessWriter, ThreadWriter, WriterSettings
+
+__all__ = ["AuditRecord", "FeedbackRecord", "Store"]
 
 log = logging.getLogger("cds_service.storage")
 
-
-@dataclass
-class AuditRecord:
-    """One hook call. The JSON documents (orders, decisions, response, request) may be given already
-    serialised as bytes, which keeps queued records compact."""
-
-    received_at: dt.datetime
-    service_id: str
-    hook: str | None
-    hook_instance: str | None
-    issuer: str | None
-    patient_id: str | None
-    status_code: int
-    latency_ms: float
-    orders: Any
-    decisions: Any
-    response: Any
-    request: Any
-    cards: Sequence[Mapping[str, Any]] = ()
-    #: the Da Vinci CRD version the answer followed ("2.0.1", "2.2.1"); None when no answer was made
-    #: (not stored yet: needs a hook_audit column)
-    crd_version: str | None = None
+HANDOFF_SECONDS = 1.0  # the longest a request waits to put its record in the spool (a slow disk)
+READY_SECONDS = 2.0  # the longest /health/ready waits for the database
 
 
 def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+def _insert_new(connection: sa.Connection, table: sa.Table, key: str) -> Any:
+    """INSERT that skips rows whose ``key`` is already stored (a record written twice is stored once)."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing(index_elements=[key])
+
+
 class Store:
-    def __init__(self, url: str, writer: str = "thread", max_queued: int = 64) -> None:
+    def __init__(self, url: str, writer: str = "thread", max_queued: int = 64, *,
+                 spool_dir: str | Path | None = None, spool_max_bytes: int = DEFAULT_MAX_BYTES,
+                 database_timeout: float = 5.0, require_database: bool = True, migrate_now: bool = True) -> None:
         """``writer``: "thread" (a background thread), "process" (a child process: see writer.py) or
-        "none" (records are written only by :meth:`write_audit`)."""
+        "none" (records are written only by :meth:`write_records`; no spool). The schema is migrated at
+        once (``migrate_now``), or before the first write. Without ``require_database``, a database that
+        is down or does not answer within ``database_timeout`` does not stop the store: the writer
+        migrates the schema once it answers."""
         self.url = url
-        self.engine = engine_for(url)
-        migrate(self.engine)
+        self.database_timeout = database_timeout
+        self.engine = engine_for(url, database_timeout)
+        self._migrated = False
+        self._migrate_lock = threading.Lock()
+        if migrate_now and require_database:
+            self.ensure_schema()
+        elif migrate_now:
+            self._try_schema()
         self._replay_checks = 0
         self._writer: AuditWriter | None = None
-        if writer == "thread":
-            self._writer = ThreadWriter(self.write_audit, max_queued)
-        elif writer == "process":
-            self._writer = ProcessWriter(url, max_queued)
-        elif writer != "none":
+        self.spool: Spool | None = None
+        self._probe: DatabaseProbe | None = None
+        self._background: Background | None = None
+        if writer == "none":
+            return
+        if writer not in ("thread", "process"):
             raise ValueError(f"unknown audit writer {writer!r}")
+        self.spool = Spool(Path(spool_dir) if spool_dir else default_spool_dir(url), spool_max_bytes)
+        self._probe = DatabaseProbe(url, database_timeout)
+        self._background = Background("cds-audit-handoff")
+        if writer == "thread":
+            self._writer = ThreadWriter(self.write_records, self.spool, max_queued, database_timeout)
+        else:
+            settings = WriterSettings(url, str(self.spool.directory), spool_max_bytes, database_timeout)
+            self._writer = ProcessWriter(settings, self.spool, max_queued)
 
-    # --- audit ------------------------------------------------------------------------------
+    # --- schema -------------------------------------------------------------------------------
 
-    def submit_audit(self, record: AuditRecord) -> bool:
-        """Queue an audit record for the writer, which makes it durable shortly after. False when the
-        queue is full (or there is no writer): the caller must then write it itself with
-        :meth:`write_audit` (backpressure keeps memory bounded and nothing is dropped)."""
+    def ensure_schema(self) -> None:
+        """Migrate to the newest schema once per store (idempotent; raises when the database is away)."""
+        with self._migrate_lock:
+            if not self._migrated:
+                migrate(self.engine)
+                self._migrated = True
+
+    def _try_schema(self) -> None:
+        runner = Background("cds-migrate")
+        future = runner.submit(self.ensure_schema)
+        runner.close()
+        try:
+            future.result(timeout=self.database_timeout)
+        except TimeoutError:
+            log.error("database did not answer within %g s; starting without it (audit records are kept "
+                      "in the spool until it does)", self.database_timeout)
+        except Exception as error:
+            log.error("database unavailable (%s); starting without it (audit records are kept in the spool "
+                      "until it is back)", type(error).__name__)
+
+    # --- audit and feedback ---------------------------------------------------------------------
+
+    async def hand_off(self, record: Record) -> None:
+        """Give a record to the writer without waiting for the database: queued when the writer keeps up,
+        else appended to the spool (waiting at most HANDOFF_SECONDS for the disk; the append goes on)."""
+        if self._writer is None or self._background is None:
+            raise RuntimeError("this store has no audit writer")
+        if self.submit_audit(record):
+            return
+        future = self._background.submit(self._overflow, record)
+        try:
+            await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), HANDOFF_SECONDS)
+        except TimeoutError:
+            log.warning("audit spool slow: the record of %s is still being written", record.describe())
+
+    def submit_audit(self, record: Record) -> bool:
+        """Queue a record for the writer without waiting; False when the writer is behind or gone."""
         return self._writer is not None and self._writer.submit(record)
 
-    def write_audit(self, records: Sequence[AuditRecord]) -> None:
-        """Write audit records now, in one transaction."""
+    def _overflow(self, record: Record) -> None:
+        assert self.spool is not None and self._writer is not None
+        self.spool.append([record])
+        self._writer.revive()
+
+    def write_records(self, records: Sequence[Record]) -> list[Record]:
+        """Store records now, idempotently (one already stored is skipped). A record the database refuses
+        (a value it cannot hold) does not fail the others: the batch is retried one record at a time, and
+        the refused ones are returned. Raises when the database is unavailable."""
         if not records:
-            return
-        rows = [{
-            "received_at": r.received_at, "service_id": r.service_id, "hook": r.hook,
-            "hook_instance": r.hook_instance, "issuer": r.issuer, "patient_id": r.patient_id,
-            "status_code": r.status_code, "latency_ms": r.latency_ms, "orders": r.orders,
-            "decisions": r.decisions, "response": r.response, "request": r.request,
-        } for r in records]
-        cards = [dict(c) for r in records for c in r.cards]
+            return []
+        self.ensure_schema()
+        try:
+            self._insert(records)
+            return []
+        except (sa.exc.DataError, sa.exc.IntegrityError):
+            pass
+        except sa.exc.ProgrammingError:
+            self._migrated = False  # e.g. the tables were dropped: migrate again on the next attempt
+            raise
+        rejected = []
+        for record in records:
+            try:
+                self._insert([record])
+            except (sa.exc.DataError, sa.exc.IntegrityError) as error:
+                log.error("audit database refused %s: %s", record.describe(), type(error).__name__)
+                rejected.append(record)
+        return rejected
+
+    def _insert(self, records: Sequence[Record]) -> None:
+        audits = [r for r in records if isinstance(r, AuditRecord)]
+        entries = [r for r in records if isinstance(r, FeedbackRecord)]
         with self.engine.begin() as connection:
-            connection.execute(hook_audit.insert(), rows)
-            if cards:
-                connection.execute(card_decision.insert(), cards)
+            if audits:
+                connection.execute(_insert_new(connection, hook_audit, "record_key"), [storable(hook_audit, {
+                    "received_at": r.received_at, "service_id": r.service_id, "hook": r.hook,
+                    "hook_instance": r.hook_instance, "issuer": r.issuer, "patient_id": r.patient_id,
+                    "status_code": r.status_code, "latency_ms": r.latency_ms, "orders": r.orders,
+                    "decisions": r.decisions, "response": r.response, "request": r.request, "record_key": r.key,
+                    "crd_version": r.crd_version,
+                }) for r in audits])
+                cards = [storable(card_decision, dict(c)) for r in audits for c in r.cards]
+                if cards:
+                    connection.execute(_insert_new(connection, card_decision, "card_uuid"), cards)
+            if entries:
+                connection.execute(_insert_new(connection, feedback, "record_key"), [storable(feedback, {
+                    "received_at": e.received_at, "service_id": e.service_id, "card_uuid": e.card_uuid,
+                    "outcome": e.outcome, "outcome_timestamp": e.outcome_timestamp, "issuer": e.issuer,
+                    "entry": e.entry, "record_key": e.key,
+                }) for e in entries])
+
+    async def record_feedback(self, service_id: str, entries: Sequence[Mapping[str, Any]],
+                              issuer: str | None) -> None:
+        """Hand feedback entries (validated by hooks.feedback) to the writer, like audit records."""
+        now = _utcnow()
+        for e in entries:
+            await self.hand_off(FeedbackRecord(now, service_id, e["card"], e["outcome"], e["outcomeTimestamp"],
+                                               issuer, dict(e)))
+
+    # --- health -------------------------------------------------------------------------------
+
+    async def readiness(self) -> dict[str, Any]:
+        """The database's state (bounded by READY_SECONDS) and the audit backlog: the writer's queue,
+        the spool (records, bytes, the oldest record's age) and the records dropped, per reason."""
+        if self._probe is None or self.spool is None or self._writer is None or self._background is None:
+            raise RuntimeError("this store has no audit writer")
+        timeout = min(self.database_timeout, READY_SECONDS)
+        database, spool = await asyncio.gather(
+            self._probe.state(timeout),
+            self._bounded(self._background.submit(self.spool.status), timeout))
+        audit: dict[str, Any] = dict(self._writer.state())
+        if spool is None:
+            audit["spool"] = {"state": "unresponsive"}
+        else:
+            audit["spool"] = {"records": spool.records, "bytes": spool.bytes, "max_bytes": spool.max_bytes,
+                              "oldest_age_seconds": spool.oldest_age_seconds()}
+            audit["dropped"] = spool.dropped
+        ready = database["state"] == "up"
+        return {"status": "ready" if ready else "not-ready", "database": database, "audit": audit}
+
+    @staticmethod
+    async def _bounded(future: Future[Any], timeout: float) -> Any:
+        try:
+            return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(future)), timeout)
+        except TimeoutError:
+            return None
 
     def close(self) -> None:
-        """Flush every queued audit record and stop the writer."""
+        """Flush every queued record (to the database, or to the spool when it does not take them in
+        time) and stop the writer."""
         writer, self._writer = self._writer, None
         if writer is not None:
             writer.close()
+        for closing in (self._probe, self._background, self.spool):
+            if closing is not None:
+                closing.close()
         self.engine.dispose()
 
     def audit_export(self, since: dt.datetime | None = None) -> Iterator[dict[str, Any]]:
@@ -119,15 +246,6 @@ class Store:
             return int(connection.execute(sa.select(sa.func.count()).select_from(hook_audit)).scalar_one())
 
     # --- feedback ---------------------------------------------------------------------------
-
-    def record_feedback(self, service_id: str, entries: Sequence[Mapping[str, Any]], issuer: str | None) -> None:
-        now = _utcnow()
-        rows = [{
-            "received_at": now, "service_id": service_id, "card_uuid": e["card"], "outcome": e["outcome"],
-            "outcome_timestamp": e["outcomeTimestamp"], "issuer": issuer, "entry": dict(e),
-        } for e in entries]
-        with self.engine.begin() as connection:
-            connection.execute(feedback.insert(), rows)
 
     def feedback_export(self) -> Iterator[dict[str, Any]]:
         query = (

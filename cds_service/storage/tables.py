@@ -55,6 +55,9 @@ hook_audit = sa.Table(
     sa.Column("decisions", JSONBytes),
     sa.Column("response", JSONBytes),
     sa.Column("request", JSONBytes),
+    sa.Column("record_key", sa.String(40), nullable=False),
+    sa.Column("crd_version", sa.String(16)),
+    sa.Index("uq_hook_audit_record_key", "record_key", unique=True),
 )
 
 card_decision = sa.Table(
@@ -80,6 +83,8 @@ feedback = sa.Table(
     sa.Column("outcome_timestamp", sa.String(64), nullable=False),
     sa.Column("issuer", sa.String(500)),
     sa.Column("entry", JSONBytes, nullable=False),
+    sa.Column("record_key", sa.String(40), nullable=False),
+    sa.Index("uq_feedback_record_key", "record_key", unique=True),
 )
 
 jwt_replay = sa.Table(
@@ -89,3 +94,17 @@ jwt_replay = sa.Table(
     sa.Column("jti", sa.String(500), primary_key=True),
     sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False, index=True),
 )
+
+
+def storable(table: sa.Table, row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with every text value made storable in its column: NUL characters (which PostgreSQL
+    refuses) replaced by U+FFFD, and a value longer than its column cut to the column's length. The
+    edge refuses such values on calls it answers (hooks/request.py, hooks/feedback.py); a refused call's
+    record may hold them, and its request document keeps them as sent."""
+    out = dict(row)
+    for name, value in row.items():
+        if isinstance(value, str):
+            length = getattr(table.c[name].type, "length", None)
+            value = value.replace("\x00", "\ufffd")
+            out[name] = value[:length] if length else value
+    return out

@@ -208,8 +208,7 @@ class CdsApp:
             cards=cards,
             crd_version=result.crd_version if result is not None else None,
         )
-        if not self.store.submit_audit(record):
-            await asyncio.to_thread(self.store.write_audit, [record])
+        await self.store.hand_off(record)
 
     async def feedback(self, request: Request) -> Response:
         service_id = request.path_params["service_id"]
@@ -226,11 +225,18 @@ class CdsApp:
             return operation_outcome(413, "the request body is too large", "too-costly")
         except (RequestError, FeedbackError) as error:
             return operation_outcome(400, str(error))
-        self.store.record_feedback(service_id, entries, principal.issuer if principal else None)
+        await self.store.record_feedback(service_id, entries, principal.issuer if principal else None)
         return Response(status_code=200)
 
     async def health(self, request: Request) -> Response:
+        """Liveness: the process serves requests (it needs no database to answer hooks)."""
         return json_response({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        """Readiness: 503 while the database is unreachable, unresponsive or not at this code's schema;
+        reports the audit backlog either way. Answers within a bound even when the database hangs."""
+        report = await self.store.readiness()
+        return json_response(report, status=200 if report["status"] == "ready" else 503)
 
     async def policy_text(self, request: Request) -> Response:
         policy = self.service.policies.get(request.path_params["policy_id"])
@@ -280,7 +286,9 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
         ),
         transport=fhir_transport,
     )
-    store = Store(config.storage.url, writer=config.storage.audit_writer)
+    store = Store(config.storage.url, writer=config.storage.audit_writer, spool_dir=config.storage.spool_dir,
+                  spool_max_bytes=config.storage.spool_max_bytes,
+                  database_timeout=config.storage.database_timeout_seconds, require_database=False)
     authenticator = JwtAuthenticator(config.auth, store.claim_jti, jwks_transport) \
         if config.auth.mode == "jwt" else None
     cds = CdsApp(config, store, service, authenticator)
@@ -298,6 +306,7 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
             Route("/cds-services/{service_id}", cds.hook, methods=["POST"]),
             Route("/cds-services/{service_id}/feedback", cds.feedback, methods=["POST"]),
             Route("/health", cds.health, methods=["GET"]),
+            Route("/health/ready", cds.ready, methods=["GET"]),
             Route("/policies/{policy_id}", cds.policy_text, methods=["GET"]),
         ],
         middleware=[
