@@ -394,3 +394,25 @@ def test_prefetch_bundle_whose_entry_is_not_an_array(service: CoverageService, c
     del body["fhirServer"], body["fhirAuthorization"]
     response = client.post(f"/cds-services/{SIGN}", json=body)
     assert response.status_code == 412 and response.json()["resourceType"] == "OperationOutcome"
+
+
+def test_a_medication_the_request_cannot_resolve_is_read_from_the_fhir_server(service: CoverageService) -> None:
+    """Issue 18: a medicationReference to a Medication on the EHR's FHIR server (the prefetch cannot resolve
+    it) is read with the hook's token, and the drug decided; when it cannot be read, the decision asks to
+    confirm the drug."""
+    scenario = load(FIXTURES / "scenarios" / "mp446-ketamine-medication-in-prefetch.json")
+    scenario["record"] = [r for r in scenario["record"] if r["resourceType"] != "Medication"]
+    body = with_server(scenario_request(scenario), drop=())
+    medication = {"resourceType": "Medication", "id": "m-ket", "code": {"coding": [
+        {"system": "http://www.nlm.nih.gov/research/umls/rxnorm", "code": "238083"}]}}
+    with respx.mock(assert_all_called=True) as router:
+        route = router.get(f"{FHIR}/Medication", params={"_id": "m-ket"}).mock(
+            return_value=httpx.Response(200, json=searchset([medication])))
+        result = run(service, body)
+    assert route.calls.last.request.headers["authorization"] == "Bearer " + TOKEN
+    [decision] = result.decisions
+    assert (decision.outcome.value, decision.rule_id) == ("not-covered", "chronic-pain")
+    with respx.mock(assert_all_called=False) as router:
+        router.get(url__startswith=FHIR).mock(return_value=httpx.Response(404))
+        [decision] = run(service, body).decisions
+    assert (decision.outcome.value, decision.rule_id) == ("conditional", "drug-unidentified")

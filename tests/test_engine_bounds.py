@@ -13,7 +13,7 @@ import pytest
 from cds_service.fhir import record as record_module
 from cds_service.hooks.service import CoverageService
 
-from .support import FIXTURES, load, scenario_request
+from .support import FIXTURES, hook_request, load, scenario_request
 
 TRIAL = FIXTURES / "scenarios" / "mp442-chronic-pain-successful-trial.json"
 
@@ -83,3 +83,45 @@ def test_an_absurdly_long_code_in_a_condition_is_cheap(service: CoverageService)
     decision = pump_decision(service, scenario)
     assert time.perf_counter() - started < 1.0
     assert decision.outcome.value == "covered"  # the order's own reasonCode still decides
+
+
+def test_a_large_decision_leaves_the_event_loop_free(service: CoverageService,
+                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 15: CPU-heavy work must not stall unrelated requests. While a large call is decided, the event
+    loop keeps running other tasks (a small one is decided inline: a thread would only cost it)."""
+    scenario = load(TRIAL)
+    orders = [dict(o, id=f"{o['id']}-{n}") for n in range(50) for o in scenario["orders"]]
+    record = scenario["record"]
+    extra = [dict(r, id=f"{r['id']}-{n}") for n in range(100) for r in record if r["resourceType"] == "Condition"]
+    body = hook_request(orders, [*record, *extra])
+    spans: list[tuple[float, float]] = []
+    real = CoverageService.respond
+
+    def timed(*args: Any, **kwargs: Any) -> Any:
+        started = time.perf_counter()
+        try:
+            return real(*args, **kwargs)
+        finally:
+            spans.append((started, time.perf_counter()))
+
+    monkeypatch.setattr(CoverageService, "respond", timed)
+
+    async def call_and_tick() -> list[float]:
+        ticks: list[float] = []
+        done = asyncio.Event()
+
+        async def ticker() -> None:
+            while not done.is_set():
+                ticks.append(time.perf_counter())
+                await asyncio.sleep(0.001)
+
+        task = asyncio.create_task(ticker())
+        await service.handle("coverage-requirements-order-sign", body, "https://cds.example.org")
+        done.set()
+        await task
+        return ticks
+
+    ticks = asyncio.run(call_and_tick())
+    [(start, end)] = spans
+    assert end - start > 0.02  # a decision long enough to see
+    assert sum(start <= t <= end for t in ticks) >= 5

@@ -130,6 +130,10 @@ class PatientRecord:
         raw = self._raw_by_reference.get(f"{parts[-2]}/{parts[-1]}")
         return self.validated(raw) if raw is not None else None
 
+    def size(self) -> int:
+        """How many resources the record holds."""
+        return sum(len(items) for items in self._raw.values())
+
     def technical_gaps(self, consulted: Iterable[str] | None = None) -> dict[str, str]:
         """Unavailable resource types that the decision consulted (``consulted``, by default those recorded
         by :meth:`of_type` and :meth:`raw_of_type`): the decision cannot be firm."""

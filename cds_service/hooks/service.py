@@ -4,7 +4,9 @@ layer and the offline ``evaluate`` command both call this."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -53,6 +55,9 @@ SERVICES = {
 #: CRD "primary" hooks: the answer always carries ``systemActions`` (the Coverage Information response type)
 PRIMARY_HOOKS = frozenset({"order-sign", "order-dispatch", "appointment-book"})
 _BILLING_SYSTEMS = {"cpt", "hcpcs"}
+#: decisions x record resources above which deciding leaves the event loop (a typical call is far below)
+_INLINE_WORK = 2000
+_FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 #: prefetch of the resources a hook names by reference (CDS Hooks 3.0 FHIRPath tokens, CRD 2.2 style)
 _REFERENCED_PREFETCH = {
     "order-dispatch": {
@@ -231,7 +236,10 @@ class CoverageService:
             return appointment_decidables(request.draft_orders, by_ref, request.patient_id)
         return [Decidable(r) for r in request.draft_orders]
 
-    def in_scope(self, request: HookRequest, decidables: Sequence[Decidable] | None = None) -> Scope:
+    def in_scope(self, request: HookRequest, decidables: Sequence[Decidable] | None = None,
+                 fetched: Sequence[Mapping[str, Any]] = ()) -> Scope:
+        """The orders of the request as the policies read them, and those in scope of a policy. ``fetched``:
+        Medication resources read from the FHIR server (for references the request could not resolve)."""
         systems = self.policies.systems
         items = [Decidable(r) for r in request.draft_orders] if decidables is None else decidables
         bundle: list[Mapping[str, Any]] = []
@@ -244,7 +252,7 @@ class CoverageService:
                 notes[reference_of(read)] = found
             if item.target is not None:
                 targets[reference_of(read)] = item.target
-        medications = medications_from([request.context.get("draftOrders"), *request.prefetch.values()])
+        medications = medications_from([request.context.get("draftOrders"), *request.prefetch.values(), *fetched])
         facts = [order_facts(systems, r, medications) for r in bundle if r.get("resourceType") in ORDER_TYPES]
         selected = facts
         if request.selections is not None:
@@ -257,6 +265,23 @@ class CoverageService:
                 if match is not None:
                     found_items.append(InScope(policy, match, order, targets.get(order.reference)))
         return Scope(found_items, facts, notes, medications, targets)
+
+    async def fetch_medications(self, scope: Scope, access: FhirAccessPlan) -> list[Mapping[str, Any]]:
+        """The Medications that draft orders reference but neither the request nor the prefetch holds, read
+        from the EHR's FHIR server with the hook's token (a prefetch cannot resolve them). A reference that
+        cannot be read stays unresolved: a decision that depends on the drug then asks to confirm it."""
+        if access.factory is None:
+            return []
+        ids = sorted({type_and_id(f.drug.unresolved_reference).split("/", 1)[1] for f in scope.facts
+                      if f.drug is not None and f.drug.unresolved_reference
+                      and type_and_id(f.drug.unresolved_reference).startswith("Medication/")})
+        ids = [i for i in ids if _FHIR_ID.fullmatch(i)][:50]
+        if not ids:
+            return []
+        async with access.factory() as client:
+            found = await client.search_all({"medications": "Medication?_id=" + ",".join(ids)})
+        result = found.get("medications")
+        return [r for r in result if r.get("resourceType") == "Medication"] if isinstance(result, list) else []
 
     def unreadable(self, scope: Scope) -> dict[str, list[str]]:
         """Per in-scope order reference: faults on elements the decision reads (the order is decided
@@ -316,7 +341,11 @@ class CoverageService:
         """Answer one hook call. Raises RequestError (4xx) and DataUnavailable (412)."""
         request = self.parse(service_id, body)
         access = self.fhir_access(request, fhir_server_allowlist)
-        scope = self.in_scope(request, await self.decidables(request, access))
+        decidables = await self.decidables(request, access)
+        scope = self.in_scope(request, decidables)
+        fetched = await self.fetch_medications(scope, access)
+        if fetched:
+            scope = self.in_scope(request, decidables, fetched)
         result = HookResult(response=self._answer([], [], request.hook), request=request)
         unreadable = self.unreadable(scope) if scope.items else {}
         readable = [item.policy for item in scope.items if not unreadable[item.order.reference]]
@@ -330,7 +359,11 @@ class CoverageService:
             self.check_payer(request, record)
         if not scope.items and request.hook not in PRIMARY_HOOKS:
             return result
-        return self.respond(request, scope, unreadable, record or PatientRecord(), base_url, result)
+        record = record or PatientRecord()
+        if len(scope.items) * (record.size() + 1) < _INLINE_WORK:
+            return self.respond(request, scope, unreadable, record, base_url, result)
+        # a large decision runs in a worker thread, so that the event loop keeps answering other calls
+        return await asyncio.to_thread(self.respond, request, scope, unreadable, record, base_url, result)
 
     @staticmethod
     def _answer(cards: list[dict[str, Any]], actions: list[dict[str, Any]], hook: str) -> dict[str, Any]:
