@@ -1,113 +1,93 @@
-"""Benchmark: cds-service (one worker) against a bare Starlette app, at three request sizes.
+"""Benchmark: cds-service (one worker) against a bare Starlette app and a HealthChain peer.
 
-    python bench/run.py [--requests 2000] [--connections 8] [--memory-requests 10000]
+    python bench/run.py [--ports 18900-18949] [--requests 2000] [--connections 8] [--memory-requests 10000]
+                        [--sizes ehr,ehr-mdd,small,typical,large] [--peer-python bench/.peer/bin/python]
+                        [--latency-requests 300] [--skip ...]
 
-Starts both servers on loopback, loads each with the same requests (bench/loadgen.py), and prints
-req/s, p50 and p99 latency per size, the ratio service/bare, how time grows with record size, and the
-service's resident memory before and after --memory-requests typical requests.
+Starts the servers on loopback (ports from ``--ports``, else free ports the system picks) and reports:
+
+- ``load``: req/s, p50 and p99 per request size (bench/requests.py; ``ehr`` is the headline: the prefetch an
+  EHR fills from a Synthea record following the service's discovery templates) for the service, the bare
+  app (bench/bare_app.py) and the HealthChain peer (bench/healthchain_peer.py, when its environment exists),
+  and the service's ratio to each;
+- ``memory``: the service's resident memory after a soak and after ``--memory-requests`` more ``ehr`` requests;
+- ``latency``: one request at a time on one keep-alive connection, against a freshly started service each
+  time: the first call and the p50 after it, with the ``ehr`` prefetch, and with no prefetch and a FHIR server
+  on loopback (bench/fhir_server.py) that takes D = 0 and 50 ms per search;
+- ``stages``: in process without HTTP, the time spent parsing and on the decision path per size.
+
+Results go to ``bench/results/latest.json`` (not committed).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import copy
 import json
 import os
 import platform
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_load  # noqa: E402
+from bench.requests import PATH, SERVICE_ID, Body, build  # noqa: E402
 from bench.stages import measure  # noqa: E402
-from cds_service.engine.policy import load_policies  # noqa: E402
-from cds_service.hooks.service import CoverageService, Settings  # noqa: E402
-from cds_service.paths import data_dir  # noqa: E402
 
-PATH = "/cds-services/coverage-requirements-order-sign"
-
-
-def prefetch_keys() -> dict[str, str]:
-    """Resource type -> the prefetch key the service advertises for it (its discovery document's templates,
-    ``Type?patient=...``), so that the requests fill every key the service expects."""
-    service = CoverageService(load_policies(data_dir("policies")), data_dir("cards"), Settings(payer_name="bench"))
-    sign = next(s for s in service.discovery()["services"] if PATH.endswith(s["id"]))
-    keys: dict[str, str] = {}
-    for key, template in sign["prefetch"].items():
-        keys.setdefault(template.split("?", 1)[0], key)
-    return keys
+PEER_PATH = f"/cds/cds-services/{SERVICE_ID}"
+FHIR_TOKEN = "bench-fhir-token"
+DEFAULT_PEER = ROOT / "bench/.peer/bin/python"
 
 
-KEYS = prefetch_keys()
+class Ports:
+    """Loopback ports for the servers: from a range given (``A-B``), else ones the system picks."""
 
+    def __init__(self, spec: str | None) -> None:
+        self._range: Iterator[int] | None = None
+        if spec:
+            low, _, high = spec.partition("-")
+            self._range = iter(range(int(low), int(high or low) + 1))
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def bundle(resources: list[dict[str, Any]]) -> dict[str, Any]:
-    return {"resourceType": "Bundle", "type": "searchset", "total": len(resources),
-            "entry": [{"fullUrl": f"urn:uuid:{r.get('id')}", "resource": r} for r in resources]}
-
-
-def request_for(orders: list[dict[str, Any]], record: list[dict[str, Any]]) -> dict[str, Any]:
-    """A hook request whose prefetch holds ``record``: each advertised key its type, and every other
-    resource of the record under one more key, as an EHR sending the whole record would."""
-    prefetch: dict[str, Any] = {key: bundle([]) for key in KEYS.values()}
-    rest = []
-    for resource in record:
-        key = KEYS.get(resource["resourceType"])
-        if key:
-            prefetch[key]["entry"].append({"resource": resource})
-        else:
-            rest.append(resource)
-    prefetch["everything"] = bundle(rest)
-    return {"hook": "order-sign", "hookInstance": "bench-0000", "context": {
-        "userId": "Practitioner/dr1", "patientId": "p1",
-        "draftOrders": {"resourceType": "Bundle", "type": "collection", "entry": [{"resource": o} for o in orders]}},
-        "prefetch": prefetch}
-
-
-def requests() -> dict[str, tuple[int, bytes]]:
-    scenario = json.loads((ROOT / "fixtures/scenarios/mp442-chronic-pain-successful-trial.json").read_text())
-    synthea = json.loads((ROOT / "fixtures/records/synthea-bradly-douglas-chronic-pain-migraine.json").read_text())
-    typical_record = [e["resource"] for e in synthea["entry"]] + scenario["record"]
-    large_record = list(typical_record)
-    for copy_no in range(1, 4):
-        for resource in typical_record:
-            clone = copy.deepcopy(resource)
-            clone["id"] = f"{clone.get('id')}-{copy_no}"
-            large_record.append(clone)
-    out = {}
-    for name, record in (("small", scenario["record"]), ("typical", typical_record), ("large", large_record)):
-        out[name] = (len(record), json.dumps(request_for(scenario["orders"], record)).encode())
-    return out
+    def take(self) -> int:
+        if self._range is None:
+            with socket.socket() as s:
+                s.bind(("127.0.0.1", 0))
+                return int(s.getsockname()[1])
+        for port in self._range:
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+        raise RuntimeError("no free port left in --ports")
 
 
 class Server:
-    def __init__(self, name: str, command: list[str], port: int, env: dict[str, str]) -> None:
-        self.name, self.port = name, port
-        self.proc = subprocess.Popen(command, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 30
+    def __init__(self, name: str, command: list[str], port: int, env: dict[str, str], path: str = PATH,
+                 cwd: Path = ROOT) -> None:
+        self.name, self.port, self.path = name, port, path
+        self.proc = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            try:
-                httpx.post(f"http://127.0.0.1:{port}{PATH}", content=b"{}", timeout=1)
-                return
-            except httpx.HTTPError:
-                time.sleep(0.1)
+            if self.proc.poll() is not None:
+                error = self.proc.stderr.read().decode()[-2000:] if self.proc.stderr else ""
+                raise RuntimeError(f"{name} exited: {error}")
+            try:  # uvicorn listens once its start-up (and the app's) is complete; no request is sent
+                with socket.create_connection(("127.0.0.1", port), timeout=1):
+                    return
+            except OSError:
+                time.sleep(0.05)
         raise RuntimeError(f"{name} did not start")
 
     def rss_mb(self) -> float:
@@ -123,79 +103,167 @@ class Server:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+            self.proc.wait()
+
+
+def uvicorn(app: str, port: int) -> list[str]:
+    return ["-m", "uvicorn", app, "--port", str(port), "--log-level", "warning", "--no-access-log"]
+
+
+def start_service(ports: Ports, workdir: Path, env: dict[str, str], name: str = "cds-service") -> Server:
+    config = workdir / f"{name}.toml"
+    config.write_text(f'[storage]\nurl = "sqlite:///{workdir}/{name}.sqlite3"\n')
+    port = ports.take()
+    return Server(name, [sys.executable, "-m", "cds_service", "serve", "--port", str(port), "--config", str(config),
+                         "--log-level", "warning"], port, env)
+
+
+def load(server: Server, body: bytes, requests: int, connections: int) -> dict[str, float]:
+    asyncio.run(run_load("127.0.0.1", server.port, server.path, body, min(200, requests), connections))
+    result = asyncio.run(run_load("127.0.0.1", server.port, server.path, body, requests, connections))
+    return result.summary()
+
+
+def fhir_request(body: Body, fhir_port: int) -> bytes:
+    """The ``ehr`` request with no prefetch: the service reads everything from the FHIR server."""
+    request = json.loads(body.data)
+    request.pop("prefetch")
+    request["fhirServer"] = f"http://127.0.0.1:{fhir_port}/fhir"
+    request["fhirAuthorization"] = {"access_token": FHIR_TOKEN, "token_type": "Bearer", "expires_in": 300,
+                                    "scope": "patient/*.read", "subject": "cds-service"}
+    return json.dumps(request).encode()
+
+
+def first_and_p50(server: Server, body: bytes, count: int) -> dict[str, float]:
+    """One request at a time on one connection: the first call after start, and p50/p99 of the rest."""
+    result = asyncio.run(run_load("127.0.0.1", server.port, server.path, body, count + 1, 1))
+    if result.errors:
+        raise RuntimeError(f"{server.name}: {result.errors} requests failed")
+    first, rest = result.latencies_ms[0], sorted(result.latencies_ms[1:])
+    p50 = statistics.median(rest)
+    return {"first_ms": round(first, 2), "p50_ms": round(p50, 2),
+            "p99_ms": round(rest[min(len(rest) - 1, round(0.99 * (len(rest) - 1)))], 2),
+            "first_over_p50": round(first / p50, 2), "requests": count}
+
+
+def phase_load(args: argparse.Namespace, bodies: dict[str, Body], ports: Ports, workdir: Path,
+               env: dict[str, str], results: dict[str, Any]) -> None:
+    service = start_service(ports, workdir, env)
+    servers = [service]
+    try:
+        port = ports.take()
+        servers.append(Server("bare", [sys.executable, *uvicorn("bench.bare_app:app", port)], port, env))
+        peer_python = Path(args.peer_python)
+        if peer_python.exists():
+            port = ports.take()
+            peer_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+            servers.append(Server("healthchain", [str(peer_python), *uvicorn("healthchain_peer:app", port)], port,
+                                  peer_env, PEER_PATH, cwd=ROOT / "bench"))
+        else:
+            print(f"no HealthChain peer: {peer_python} not found (see bench/peer-requirements.txt)", flush=True)
+        for name, body in bodies.items():
+            row: dict[str, Any] = {"resources": body.resources, "body_bytes": len(body.data)}
+            for server in servers:
+                row[server.name] = load(server, body.data, args.requests, args.connections)
+                if row[server.name]["errors"]:
+                    raise RuntimeError(f"{server.name}: {row[server.name]['errors']} requests failed ({name})")
+            for other in servers[1:]:
+                row[f"ratio_{other.name}"] = round(row["cds-service"]["rps"] / row[other.name]["rps"], 3)
+            results["sizes"][name] = row
+            line = f"{name:8} {body.resources:5d} resources {len(body.data) / 1024:6.0f} KiB |"
+            for server in servers:
+                got = row[server.name]
+                line += f" {server.name} {got['rps']:7.1f} req/s p50 {got['p50_ms']:6.2f} ms |"
+            line += " ratios " + " ".join(f"{o.name} {row[f'ratio_{o.name}']:.2f}" for o in servers[1:])
+            print(line, flush=True)
+        if "memory" not in args.skip:
+            # steady state after a soak, against the state after --memory-requests more; both read at the end
+            # of a load phase, so the bounded audit queue is equally full in both
+            soak = bodies["ehr"].data
+            asyncio.run(run_load("127.0.0.1", service.port, PATH, soak, 1000, args.connections))
+            before = service.rss_mb()
+            asyncio.run(run_load("127.0.0.1", service.port, PATH, soak, args.memory_requests, args.connections))
+            after = service.rss_mb()
+            results["memory_mb"] = {"before": round(before, 1), "after": round(after, 1),
+                                    "growth": round(after - before, 1), "requests": args.memory_requests,
+                                    "size": "ehr"}
+            print(f"memory: {before:.1f} MiB after a 1000-request soak, {after:.1f} MiB after "
+                  f"{args.memory_requests} more ehr requests (growth {after - before:+.1f} MiB)", flush=True)
+    finally:
+        for server in servers:
+            server.stop()
+
+
+def phase_latency(args: argparse.Namespace, body: Body, ports: Ports, workdir: Path, env: dict[str, str],
+                  results: dict[str, Any]) -> None:
+    """First call and p50, each against a freshly started service: with the prefetch, and from a FHIR
+    server that takes D ms per search."""
+    out: dict[str, Any] = {}
+    cases: list[tuple[str, float | None]] = [("prefetch", None), ("fhir D=0", 0.0), ("fhir D=50", 50.0)]
+    for name, delay in cases:
+        fhir: Server | None = None
+        service: Server | None = None
+        try:
+            data = body.data
+            if delay is not None:
+                port = ports.take()
+                fhir = Server("fhir", [sys.executable, *uvicorn("bench.fhir_server:app", port)], port,
+                              {**env, "BENCH_FHIR_DELAY_MS": str(delay), "BENCH_FHIR_TOKEN": FHIR_TOKEN})
+                data = fhir_request(body, port)
+            service = start_service(ports, workdir, env, name=f"latency-{len(out)}")
+            out[name] = first_and_p50(service, data, args.latency_requests)
+            if delay is not None:
+                out[name]["p50_minus_D_ms"] = round(out[name]["p50_ms"] - delay, 2)
+            row = out[name]
+            print(f"latency {name:10} first {row['first_ms']:7.2f} ms, p50 {row['p50_ms']:6.2f} ms, "
+                  f"p99 {row['p99_ms']:6.2f} ms, first/p50 {row['first_over_p50']:.2f}", flush=True)
+        finally:
+            for server in (service, fhir):
+                if server is not None:
+                    server.stop()
+    results["latency"] = out
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--ports", help="loopback port range for the servers, e.g. 18900-18949")
     parser.add_argument("--requests", type=int, default=2000, help="measured requests per size and server")
     parser.add_argument("--connections", type=int, default=8)
     parser.add_argument("--memory-requests", type=int, default=10000)
+    parser.add_argument("--latency-requests", type=int, default=300)
+    parser.add_argument("--sizes", default="ehr,ehr-mdd,small,typical,large")
+    parser.add_argument("--peer-python", default=str(DEFAULT_PEER), help="python of the HealthChain environment")
+    parser.add_argument("--skip", default="", help="comma-separated phases to skip: load, memory, latency, stages")
     parser.add_argument("--output", default=str(ROOT / "bench/results/latest.json"))
     args = parser.parse_args()
+    args.skip = set(filter(None, args.skip.split(",")))
 
-    bodies = requests()
+    names = [n for n in args.sizes.split(",") if n]
+    bodies = build(sorted(set(names) | {"ehr"}))
+    bodies = {n: bodies[n] for n in names} | {"ehr": bodies["ehr"]}
     workdir = Path(tempfile.mkdtemp(prefix="cds-bench-"))
-    config = workdir / "bench.toml"
-    config.write_text(f'[storage]\nurl = "sqlite:///{workdir}/bench.sqlite3"\n')
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    service_port, bare_port = free_port(), free_port()
-    service = Server("cds-service", [sys.executable, "-m", "cds_service", "serve", "--port", str(service_port),
-                                     "--config", str(config), "--log-level", "warning"], service_port, env)
-    bare = Server("bare", [sys.executable, "-m", "uvicorn", "bench.bare_app:app", "--port", str(bare_port),
-                           "--log-level", "warning", "--no-access-log"], bare_port, env)
-    results: dict[str, Any] = {"machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
+    ports = Ports(args.ports)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip()
+    results: dict[str, Any] = {"commit": commit,
+                               "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                            "python": platform.python_version(), "processor": platform.processor()},
-                               "settings": vars(args), "sizes": {}}
-    try:
-        for name, (resources, body) in bodies.items():
-            row: dict[str, Any] = {"resources": resources, "body_bytes": len(body)}
-            for server in (service, bare):
-                asyncio.run(run_load("127.0.0.1", server.port, PATH, body, min(200, args.requests), args.connections))
-                load = asyncio.run(run_load("127.0.0.1", server.port, PATH, body, args.requests, args.connections))
-                row[server.name] = load.summary()
-            row["throughput_ratio"] = round(row["cds-service"]["rps"] / row["bare"]["rps"], 3)
-            results["sizes"][name] = row
-            print(f"{name:8} {resources:5d} resources {len(body) / 1024:8.0f} KiB | service "
-                  f"{row['cds-service']['rps']:7.1f} req/s p50 {row['cds-service']['p50_ms']:7.2f} ms "
-                  f"p99 {row['cds-service']['p99_ms']:7.2f} ms | bare {row['bare']['rps']:7.1f} req/s "
-                  f"p50 {row['bare']['p50_ms']:7.2f} ms | ratio {row['throughput_ratio']:.2f}", flush=True)
-        # memory: steady state after a soak, against the state after --memory-requests more; both read at
-        # the end of a load phase, so the bounded audit queue is equally full in both
-        typical = bodies["typical"][1]
-        asyncio.run(run_load("127.0.0.1", service.port, PATH, typical, 1000, args.connections))
-        before = service.rss_mb()
-        asyncio.run(run_load("127.0.0.1", service.port, PATH, typical, args.memory_requests, args.connections))
-        after = service.rss_mb()
-        results["memory_mb"] = {"before": round(before, 1), "after": round(after, 1),
-                                "growth": round(after - before, 1), "requests": args.memory_requests}
-        sizes = results["sizes"]
-        results["growth"] = {
-            "typical_vs_small_time": round(sizes["typical"]["cds-service"]["mean_ms"]
-                                           / sizes["small"]["cds-service"]["mean_ms"], 2),
-            "large_vs_typical_time": round(sizes["large"]["cds-service"]["mean_ms"]
-                                           / sizes["typical"]["cds-service"]["mean_ms"], 2),
-            "large_vs_typical_resources": round(sizes["large"]["resources"] / sizes["typical"]["resources"], 2),
-        }
-        print(f"memory: {before:.1f} MiB after a 1000-request soak, {after:.1f} MiB after {args.memory_requests} more "
-              f"requests (growth {after - before:+.1f} MiB)")
-        print(f"time growth large/typical: {results['growth']['large_vs_typical_time']}x for "
-              f"{results['growth']['large_vs_typical_resources']}x the resources")
-    finally:
-        service.stop()
-        bare.stop()
-    stages = measure(bodies)
-    results["stages_ms"] = stages
-    for name, stage in stages.items():
-        print(f"in process, no HTTP: {name:8} parse {stage['parse_ms']:7.2f} ms, "
-              f"decision path {stage['decide_ms']:7.2f} ms")
-    for part in ("parse", "decide"):
-        results["growth"][f"large_vs_typical_{part}"] = round(
-            stages["large"][f"{part}_ms"] / stages["typical"][f"{part}_ms"], 2)
-    print(f"growth large/typical in process: decision path {results['growth']['large_vs_typical_decide']}x, "
-          f"parse {results['growth']['large_vs_typical_parse']}x")
+                               "settings": {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()},
+                               "sizes": {}}
+    if "load" not in args.skip:
+        phase_load(args, {n: bodies[n] for n in names}, ports, workdir, env, results)
+    if "latency" not in args.skip:
+        phase_latency(args, bodies["ehr"], ports, workdir, env, results)
+    if "stages" not in args.skip:
+        stages = measure({n: (b.resources, b.data) for n, b in bodies.items()})
+        results["stages_ms"] = stages
+        for name, stage in stages.items():
+            print(f"in process, no HTTP: {name:8} parse {stage['parse_ms']:7.3f} ms, "
+                  f"decision path {stage['decide_ms']:7.3f} ms")
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(results, indent=1) + "\n")
-    print(f"results: {args.output}")
+    print(f"results: {args.output} (commit {commit})")
     return 0
 
 

@@ -36,7 +36,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_load  # noqa: E402
-from bench.run import PATH, Server, free_port, requests  # noqa: E402
+from bench.requests import PATH, build  # noqa: E402
+from bench.run import Ports, Server  # noqa: E402
 from cds_service.storage.records import AuditRecord  # noqa: E402
 from cds_service.storage.spool import Spool  # noqa: E402
 
@@ -48,11 +49,11 @@ def start(mode: str, workdir: Path, baseline: str | None) -> Server:
     directory.mkdir(exist_ok=True)
     url = f"sqlite:///{directory}/bench.sqlite3"
     if mode == "away":
-        url = f"postgresql://cds@127.0.0.1:{free_port()}/cds"
+        url = f"postgresql://cds@127.0.0.1:{Ports(None).take()}/cds"
     config = directory / "bench.toml"
     config.write_text(f'[storage]\nurl = "{url}"\n' + (f'spool_dir = "{directory}/spool"\n' if mode == "away" else ""))
     code = baseline if mode == "baseline" and baseline else str(ROOT)
-    port = free_port()
+    port = Ports(None).take()
     env = {**os.environ, "PYTHONPATH": code, "PYTHONDONTWRITEBYTECODE": "1"}
     return Server(mode, [sys.executable, "-m", "cds_service", "serve", "--port", str(port), "--config", str(config),
                          "--log-level", "critical"], port, env)
@@ -90,7 +91,7 @@ def main() -> int:
     parser.add_argument("--output", default=str(ROOT / "bench/results/spool.json"))
     args = parser.parse_args()
 
-    bodies = requests()
+    bodies = build(["small", "typical"])
     modes = ["up", "away"] + (["baseline"] if args.baseline else [])
     workdir = Path(tempfile.mkdtemp(prefix="cds-spool-bench-"))
     runs: dict[str, dict[str, list[dict[str, float]]]] = {m: {s: [] for s in SIZES} for m in modes}
@@ -101,7 +102,7 @@ def main() -> int:
             server = start(mode, workdir, args.baseline)
             try:
                 for size in SIZES:
-                    body = bodies[size][1]
+                    body = bodies[size].data
                     asyncio.run(run_load("127.0.0.1", server.port, PATH, body, 200, args.connections))
                     load = asyncio.run(run_load("127.0.0.1", server.port, PATH, body, args.requests, args.connections))
                     runs[mode][size].append(load.summary())
@@ -123,7 +124,7 @@ def main() -> int:
                   f"p99 {median['p99_ms']:7.2f} ms")
     results["away_spool"] = spool_status(workdir)
     print(f"spool after the 'away' runs: {results['away_spool']}")
-    results["append_ms"] = {size: round(statistics.median(append_ms(bodies[size][1], 100) for _ in range(3)), 3)
+    results["append_ms"] = {size: round(statistics.median(append_ms(bodies[size].data, 100) for _ in range(3)), 3)
                             for size in SIZES}
     for size, ms in results["append_ms"].items():
         print(f"in process: appending one {size} record to the spool (fsync'd) {ms:.3f} ms")
