@@ -7,15 +7,25 @@ a page over ``MAX_PAGE_BYTES`` (read as a stream, never held whole) or past ``MA
 A search that fails is reported as a :class:`Failure`, never raised. When the server misbehaves (an HTTP
 error, a timeout, a refused connection, garbage) the reason is the generic :data:`SERVER_UNREADABLE`, so that
 a clinician-facing card cannot serve as a port scanner's oracle; the detail goes to the log only.
+
+Connections are the process's (:class:`FhirPool`): one TLS context, and per FHIR origin one pool of keep-alive
+connections with bounds, so that a hook call neither loads the CA bundle nor opens new connections. What
+belongs to one hook call is never shared: the ``Authorization`` header goes with each request of the call that
+owns the token, the pooled clients carry no credentials and keep no cookies, and a connection is only ever
+reused for its own origin.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 import time
-from collections.abc import Mapping
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
+from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -44,6 +54,101 @@ class ReadLimits:
                        f"(at most {self.max_total_bytes} bytes and {self.max_resources} resources)")
 
 
+@dataclass(frozen=True)
+class PoolLimits:
+    """Bounds on the process's FHIR connections: per origin, and how many origins are kept."""
+
+    connections_per_origin: int = 32
+    keepalive_per_origin: int = 16
+    keepalive_seconds: float = 30.0
+    origins: int = 32
+
+
+class FhirPool:
+    """The process's HTTP clients for FHIR servers: one TLS context (the CA bundle is loaded once), and one
+    ``httpx.AsyncClient`` per origin (scheme, host and port), each a pool of keep-alive connections within
+    :class:`PoolLimits`. The clients hold no credentials and keep no cookies (a jar whose policy accepts none):
+    :class:`FhirClient` sends each call's own ``Authorization`` with each of its requests. At most
+    ``origins`` clients are kept; the least recently used one is closed once no call uses it.
+
+    Connections belong to the event loop that opened them: when the pool is used from another loop (a test
+    that calls the service with ``asyncio.run`` more than once), it starts afresh there."""
+
+    def __init__(self, limits: PoolLimits | None = None, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.limits = limits or PoolLimits()
+        self._transport = transport
+        self._ssl: ssl.SSLContext | None = None
+        self._clients: OrderedDict[str, httpx.AsyncClient] = OrderedDict()
+        self._users: dict[int, int] = {}  # id(client) -> calls using it
+        self._retired: list[httpx.AsyncClient] = []
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        """The TLS context of every client (created once: it loads the CA bundle, about 25 ms)."""
+        if self._ssl is None:
+            self._ssl = httpx.create_ssl_context()
+        return self._ssl
+
+    def _new_client(self) -> httpx.AsyncClient:
+        limits = httpx.Limits(max_connections=self.limits.connections_per_origin,
+                              max_keepalive_connections=self.limits.keepalive_per_origin,
+                              keepalive_expiry=self.limits.keepalive_seconds)
+        return httpx.AsyncClient(
+            headers={"Accept": "application/fhir+json"},
+            follow_redirects=False,
+            cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
+            verify=self.ssl_context(),
+            limits=limits,
+            transport=self._transport,
+        )
+
+    @asynccontextmanager
+    async def client(self, origin: str) -> AsyncIterator[httpx.AsyncClient]:
+        """The pooled client of ``origin``, for the duration of one call."""
+        loop = asyncio.get_running_loop()
+        if loop is not self._loop:  # connections of another (finished) loop cannot be used or closed here
+            self._loop = loop
+            self._clients.clear()
+            self._users.clear()
+            self._retired.clear()
+        client = self._clients.get(origin)
+        if client is None:
+            client = self._clients[origin] = self._new_client()
+        self._clients.move_to_end(origin)
+        self._users[id(client)] = self._users.get(id(client), 0) + 1
+        try:
+            yield client
+        finally:
+            self._users[id(client)] -= 1
+            await self._trim()
+
+    async def _trim(self) -> None:
+        """Retire clients over the bound on origins (least recently used first); close retired clients that
+        no call uses any more."""
+        while len(self._clients) > self.limits.origins:
+            self._retired.append(self._clients.popitem(last=False)[1])
+        busy = []
+        for client in self._retired:
+            if self._users.get(id(client), 0) > 0:
+                busy.append(client)
+            else:
+                self._users.pop(id(client), None)
+                await client.aclose()
+        self._retired = busy
+
+    def origins(self) -> list[str]:
+        """The origins that have a client now (for tests and diagnostics)."""
+        return list(self._clients)
+
+    async def aclose(self) -> None:
+        if self._loop is not None and self._loop is not asyncio.get_running_loop():
+            return
+        for client in [*self._clients.values(), *self._retired]:
+            await client.aclose()
+        self._clients.clear()
+        self._retired.clear()
+
+
 class _Unreadable(Exception):
     """The server's answer cannot be used; the message is for the log."""
 
@@ -53,30 +158,37 @@ class _OverLimit(Exception):
 
 
 class FhirClient:
+    """The searches of one hook call against its ``fhirServer``, with its token, over the process's pool."""
+
     def __init__(self, base_url: str, access_token: str | None, budget_seconds: float,
-                 transport: httpx.AsyncBaseTransport | None = None, limits: ReadLimits | None = None) -> None:
-        """``base_url`` must be a server :func:`cds_service.urls.fhir_server_problem` accepted."""
+                 transport: httpx.AsyncBaseTransport | None = None, limits: ReadLimits | None = None,
+                 pool: FhirPool | None = None) -> None:
+        """``base_url`` must be a server :func:`cds_service.urls.fhir_server_problem` accepted. Without
+        ``pool`` the call has a pool of its own, closed when it ends."""
         self.base = canonical_url(base_url).rstrip("/") + "/"
-        self.host = urlsplit(self.base).netloc
+        parts = urlsplit(self.base)
+        self.host = parts.netloc
+        self.origin = f"{parts.scheme}://{parts.netloc}"
         self.budget = budget_seconds
         self.limits = limits or ReadLimits()
         self._bytes_left = self.limits.max_total_bytes
         self._resources_left = self.limits.max_resources
-        headers = {"Accept": "application/fhir+json"}
-        if access_token:
-            headers["Authorization"] = f"Bearer {access_token}"
-        self._client = httpx.AsyncClient(
-            headers=headers,
-            timeout=httpx.Timeout(budget_seconds),
-            follow_redirects=False,
-            transport=transport,
-        )
+        self._headers = {"Authorization": f"Bearer {access_token}"} if access_token else {}
+        self._own_pool = pool is None
+        self._pool = pool or FhirPool(transport=transport)
+        self._lease: Any = None
+        self._client: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> FhirClient:
+        self._lease = self._pool.client(self.origin)
+        self._client = await self._lease.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        await self._client.aclose()
+        self._client = None
+        await self._lease.__aexit__(None, None, None)
+        if self._own_pool:
+            await self._pool.aclose()
 
     async def search_all(self, queries: Mapping[str, str]) -> dict[str, list[Mapping[str, Any]] | Failure]:
         """Run each named search (a path and encoded query relative to the server) concurrently; results or
@@ -149,8 +261,10 @@ class FhirClient:
     async def _get(self, url: str, remaining: float) -> bytes:
         """One page's body, read as a stream and abandoned once it passes ``MAX_PAGE_BYTES`` or what is
         left of the call's byte limit."""
+        if self._client is None:
+            raise RuntimeError("FhirClient used outside 'async with'")
         try:
-            async with self._client.stream("GET", url, timeout=remaining) as response:
+            async with self._client.stream("GET", url, headers=self._headers, timeout=remaining) as response:
                 if response.status_code != 200:
                     raise _Unreadable(f"HTTP {response.status_code}")
                 declared = response.headers.get("content-length", "")

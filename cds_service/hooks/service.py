@@ -20,7 +20,7 @@ from ..engine.orders import ORDER_TYPES, Medications, OrderFacts, medications_fr
 from ..engine.policy import Policy, PolicySet, TriggerMatch
 from ..engine.requirements import COVERAGE_NEED_KEY, data_needs, prefetch_templates
 from ..fhir.bundles import is_operation_outcome
-from ..fhir.client import FhirClient, ReadLimits
+from ..fhir.client import FhirClient, FhirPool, ReadLimits
 from ..fhir.gather import ClientFactory, DataNeed, gather_record
 from ..fhir.record import PatientRecord
 from ..urls import Allowlist, fhir_server_problem
@@ -148,8 +148,13 @@ class CoverageService:
         self.all_needs = data_needs(policies.policies, policies.systems)
         self.coverage_needs = [n for n in self.all_needs if n.key == COVERAGE_NEED_KEY]
         self._needs: dict[tuple[str, ...], list[DataNeed]] = {}
-        self._transport = transport
+        #: the process's connections to FHIR servers (one TLS context, keep-alive pools per origin)
+        self.fhir_pool = FhirPool(transport=transport)
         self._today = today or (lambda: dt.datetime.now(dt.UTC).date())
+
+    async def aclose(self) -> None:
+        """Close the FHIR connections (at shutdown)."""
+        await self.fhir_pool.aclose()
 
     # --- discovery --------------------------------------------------------------------------
 
@@ -217,7 +222,7 @@ class CoverageService:
 
         def factory() -> FhirClient:
             return FhirClient(access.server, access.access_token, self.settings.fhir_timeout_seconds,
-                              transport=self._transport, limits=self.settings.fhir_limits)
+                              limits=self.settings.fhir_limits, pool=self.fhir_pool)
 
         return FhirAccessPlan(factory, None)
 

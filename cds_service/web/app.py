@@ -298,6 +298,7 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
         try:
             yield
         finally:
+            await service.aclose()
             store.close()
 
     app = Starlette(

@@ -1,0 +1,120 @@
+"""The process's FHIR connections (issue 16): one TLS context and one keep-alive pool per origin, shared by hook
+calls, while what belongs to a call (its token) stays with that call's requests."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import pytest
+import respx
+
+from cds_service.fhir.client import FhirClient, FhirPool, PoolLimits
+from cds_service.hooks.service import CoverageService
+
+from .support import searchset
+
+A = "https://ehr-a.example.org/fhir"
+B = "https://ehr-b.example.org:8443/fhir"
+
+
+async def search(pool: FhirPool, base: str, token: str) -> Any:
+    async with FhirClient(base, token, 3.0, pool=pool) as client:
+        return await client.search_all({"conditions": "Condition?patient=p1"})
+
+
+def test_calls_share_one_client_per_origin_and_one_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
+    contexts: list[Any] = []
+    create = httpx.create_ssl_context
+
+    def counted(*args: Any, **kwargs: Any) -> Any:
+        contexts.append(create(*args, **kwargs))
+        return contexts[-1]
+
+    monkeypatch.setattr(httpx, "create_ssl_context", counted)
+    pool = FhirPool()
+
+    async def scenario() -> tuple[Any, ...]:
+        with respx.mock(assert_all_called=False) as router:
+            router.get(url__startswith=A).mock(return_value=httpx.Response(200, json=searchset([])))
+            router.get(url__startswith=B).mock(return_value=httpx.Response(200, json=searchset([])))
+            async with pool.client("https://ehr-a.example.org") as first:
+                pass
+            await search(pool, A, "t1")
+            await search(pool, A, "t2")
+            async with pool.client("https://ehr-a.example.org") as again:
+                pass
+            await search(pool, B, "t3")
+            return first, again, pool.origins()
+
+    first, again, origins = asyncio.run(scenario())
+    assert first is again
+    assert origins == ["https://ehr-a.example.org", "https://ehr-b.example.org:8443"]
+    assert len(contexts) == 1  # the CA bundle is loaded once for the process
+
+
+def test_each_request_carries_its_own_calls_token_and_no_cookie_of_another_call() -> None:
+    pool = FhirPool()
+    seen: list[tuple[str | None, str | None]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        seen.append((request.headers.get("authorization"), request.headers.get("cookie")))
+        return httpx.Response(200, json=searchset([]), headers={"Set-Cookie": "session=abc; Path=/"})
+
+    async def scenario() -> None:
+        with respx.mock(assert_all_called=False) as router:
+            router.get(url__startswith=A).mock(side_effect=answer)
+            router.get(url__startswith=B).mock(side_effect=answer)
+            await asyncio.gather(*(search(pool, A, f"token-{i}") for i in range(5)))
+            await search(pool, B, "token-b")
+            await search(pool, A, None)  # type: ignore[arg-type]
+
+    asyncio.run(scenario())
+    assert sorted(str(a) for a, _ in seen[:5]) == [f"Bearer token-{i}" for i in range(5)]
+    assert seen[5] == ("Bearer token-b", None)
+    assert seen[6] == (None, None)
+    assert all(cookie is None for _, cookie in seen)
+
+
+def test_origins_over_the_bound_are_closed_least_recently_used_first() -> None:
+    pool = FhirPool(PoolLimits(origins=2))
+    bases = [f"https://ehr-{i}.example.org/fhir" for i in range(3)]
+
+    async def scenario() -> list[bool]:
+        with respx.mock(assert_all_called=False) as router:
+            router.get(url__startswith="https://").mock(return_value=httpx.Response(200, json=searchset([])))
+            async with pool.client("https://ehr-0.example.org") as oldest:
+                pass
+            for base in bases:
+                await search(pool, base, "t")
+            return [oldest.is_closed]
+
+    assert asyncio.run(scenario()) == [True]
+    assert pool.origins() == ["https://ehr-1.example.org", "https://ehr-2.example.org"]
+
+
+def test_a_client_in_use_is_closed_only_when_its_call_ends() -> None:
+    pool = FhirPool(PoolLimits(origins=1))
+
+    async def scenario() -> tuple[bool, bool]:
+        async with pool.client("https://ehr-0.example.org") as busy:
+            async with pool.client("https://ehr-1.example.org"):
+                pass
+            closed_while_used = busy.is_closed
+        return closed_while_used, busy.is_closed
+
+    assert asyncio.run(scenario()) == (False, True)
+
+
+def test_the_service_keeps_its_pool_across_calls_and_closes_it(service: CoverageService) -> None:
+    async def scenario() -> tuple[list[str], list[str]]:
+        with respx.mock(assert_all_called=False) as router:
+            router.get(url__startswith=A).mock(return_value=httpx.Response(200, json=searchset([])))
+            await search(service.fhir_pool, A, "t")
+            await search(service.fhir_pool, A, "t")
+            before = service.fhir_pool.origins()
+            await service.aclose()
+            return before, service.fhir_pool.origins()
+
+    assert asyncio.run(scenario()) == (["https://ehr-a.example.org"], [])
