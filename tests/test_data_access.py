@@ -239,11 +239,12 @@ def test_plain_http_server_off_loopback_is_never_contacted(client: TestClient) -
 
 
 def test_invalid_resources_are_skipped_and_named(service: CoverageService) -> None:
-    """An invalid pain score that would have been the trial's result is skipped, named in the trace,
-    and the decision is made on the valid scores."""
+    """An invalid pain score (malformed in its value, which the decision reads) that would have been the
+    trial's result is skipped, named in the trace, and the decision is made on the valid scores."""
     body = scenario_request(TRIAL)
-    broken = {"resourceType": "Observation", "id": "broken", "status": "final", "subject": "not a reference",
-              "code": {"coding": [{"system": "http://loinc.org", "code": "72514-3"}]}, "valueInteger": 1,
+    broken = {"resourceType": "Observation", "id": "broken", "status": "final", "subject": {"reference": "Patient/p1"},
+              "code": {"coding": [{"system": "http://loinc.org", "code": "72514-3"}]},
+              "valueQuantity": {"value": 1, "code": 12},
               "effectiveDateTime": "2026-05-01T12:00:00Z", "partOf": [{"reference": "Procedure/trial"}]}
     body["prefetch"]["observations"]["entry"].append({"resource": broken})
     body["prefetch"]["conditions"]["entry"].append({"fullUrl": "urn:uuid:x"})  # an entry with no resource
@@ -251,7 +252,7 @@ def test_invalid_resources_are_skipped_and_named(service: CoverageService) -> No
     result = run(service, body)
     decision = pump_decision(result)
     assert decision.outcome.value == "covered"
-    assert any(s.startswith("Observation/broken: subject") for s in decision.skipped_resources)
+    assert any(s.startswith("Observation/broken: valueQuantity.code") for s in decision.skipped_resources)
     assert "Observation/broken" in str(decision.explain())
 
 

@@ -14,11 +14,38 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..fhir.elements import ElementChecks
 from ..fhir.record import PatientRecord
 from ..terminology import CodeSystems, Coding, Concept, ValueSet
 from .dates import as_utc
 from .decision import Result
 from .orders import DrugFacts, Medications, OrderFacts, drug_facts
+
+#: What the decisions read of each resource type of the record (top-level elements; a choice element by its
+#: stem), and so what is checked, element by element, before a resource counts as evidence (see
+#: cds_service.fhir.elements): a resource whose element here is malformed is skipped and named in the trace; a
+#: fault anywhere else is not the decision's business. Reading an element not listed raises, so this table and
+#: the readers cannot drift apart. Readers: the Condition statuses, abatement and code (``conditions`` below,
+#: indication.py), onset, recordedDate, severity and note (criteria/pain.py); Procedure status, code, body site,
+#: note and performed (criteria/trial.py, criteria/conditions.py); Device status and type (criteria/conditions.py);
+#: the pain scores' status, code, value, effective and partOf (criteria/scores.py, read from the JSON and checked
+#: when chosen as evidence); the medication resources' drug (medication[x], and ``contained`` for a contained
+#: Medication), status, reasons, notes, dosage and route, effective and partOf (criteria/drug_failure.py,
+#: criteria/pump_drug.py, criteria/trial.py); allergies' verification status, code and reactions
+#: (criteria/drug_failure.py). Coverage and Medication are read from the JSON only (orders.py, the service).
+DECISION_ELEMENTS: Mapping[str, tuple[str, ...]] = {
+    "Condition": ("clinicalStatus", "verificationStatus", "code", "abatement", "onset", "recordedDate", "severity",
+                  "note"),
+    "Procedure": ("status", "code", "bodySite", "note", "performed"),
+    "Device": ("status", "type"),
+    "Observation": ("status", "code", "value", "effective", "partOf"),
+    "MedicationAdministration": ("status", "statusReason", "reasonCode", "note", "dosage", "effective", "partOf",
+                                 "medication", "contained"),
+    "MedicationRequest": ("status", "statusReason", "note", "dosageInstruction", "medication", "contained"),
+    "MedicationStatement": ("status", "statusReason", "note", "dosage", "medication", "contained"),
+    "AllergyIntolerance": ("verificationStatus", "code", "reaction"),
+}
+DECISION_CHECKS = ElementChecks(DECISION_ELEMENTS)
 
 
 @dataclass(frozen=True)
@@ -112,7 +139,7 @@ class EvaluationContext:
     # --- the record -----------------------------------------------------------------------------
 
     def resources(self, resource_type: str) -> list[Any]:
-        """Validated resources of one type (invalid ones are skipped and named by the record)."""
+        """Checked resources of one type (invalid ones are skipped and named by the record)."""
         self.scope.consulted.add(resource_type)
         return self.record.get(resource_type)
 
@@ -133,7 +160,7 @@ class EvaluationContext:
 
     def history(self, resource_type: str) -> Iterator[tuple[Mapping[str, Any], Any]]:
         """Valid resources of one type that are the patient's history: not entered in error, and not one of
-        this call's draft orders. Yields the JSON and the validated model."""
+        this call's draft orders. Yields the JSON and the checked resource."""
         for raw in self.raw_resources(resource_type):
             if raw.get("status") == "entered-in-error" or self.is_draft_order(raw):
                 continue
@@ -148,7 +175,7 @@ class EvaluationContext:
         return drug_facts(self.systems, raw, self.medications)
 
     def concept(self, model: Any) -> Concept:
-        """A :class:`Concept` from a fhir.resources CodeableConcept (or None)."""
+        """A :class:`Concept` from a checked CodeableConcept (or None)."""
         if model is None:
             return Concept(codings=())
         codings = []

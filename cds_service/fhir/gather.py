@@ -10,6 +10,7 @@ from urllib.parse import quote
 
 from .bundles import Failure, bundle_problem, is_operation_outcome, operation_outcome_text, resources_in
 from .client import FhirClient
+from .elements import ElementChecks
 from .record import PatientRecord, RawFilter
 
 PATIENT_ID = "{{context.patientId}}"
@@ -51,11 +52,12 @@ async def gather_record(
     patient_id: str,
     client_factory: ClientFactory | None,
     server_problem: str | None,
+    checks: ElementChecks | None = None,
 ) -> PatientRecord:
     """The record for ``needs``. ``client_factory`` is None when no FHIR server may be read, with
     ``server_problem`` saying why; then a required need missing from the prefetch raises
-    :class:`DataUnavailable`."""
-    record = PatientRecord()
+    :class:`DataUnavailable`. ``checks``: what decisions read of each type (see :class:`PatientRecord`)."""
+    record = PatientRecord(checks=checks)
     filters: dict[str, RawFilter | None] = {n.resource_type: n.keep for n in needs}
     filters.setdefault("Medication", None)
     to_fetch: dict[str, tuple[DataNeed, str]] = {}

@@ -1,11 +1,15 @@
-"""The patient's record as the decisions see it: validated FHIR R4 (R4B models) resources by type.
+"""The patient's record as the decisions see it: FHIR R4 resources by type, checked before use.
 
 Only the resource types a decision can use are kept, and within a type only the resources that pass a
-cheap filter on the raw JSON (for example, Observations with a pain-score code). They are validated
-lazily, each at most once: a criterion reads a whole type validated (:meth:`PatientRecord.of_type`) or
-picks a few resources from the raw JSON and validates only those (:meth:`PatientRecord.raw_of_type`,
+cheap filter on the raw JSON (for example, Observations with a pain-score code). They are checked
+lazily, each at most once: a criterion reads a whole type checked (:meth:`PatientRecord.of_type`) or
+picks a few resources from the raw JSON and checks only those (:meth:`PatientRecord.raw_of_type`,
 :meth:`PatientRecord.validated`), so a decision that never looks at, say, pain scores never pays for
-them. A resource that fails validation is skipped and named, never fatal. A resource type that could not be read at
+them. With :attr:`PatientRecord.checks` (what the decision engine reads of each type, see
+:mod:`cds_service.fhir.elements`) a resource is checked element by element, only where a decision reads it,
+and comes back as a :class:`~cds_service.fhir.elements.Checked` view; a type the checks do not cover (and
+every type of a record without checks) is validated whole with fhir.resources, as a model. A resource that
+fails is skipped and named, never fatal. A resource type that could not be read at
 all (the EHR's query failed, the FHIR server was down) is marked unavailable with the reason, so that
 no firm decision is made from data that could not be read.
 """
@@ -28,6 +32,8 @@ from fhir.resources.R4B.observation import Observation
 from fhir.resources.R4B.procedure import Procedure
 from fhir.resources.R4B.resource import Resource
 from pydantic import ValidationError
+
+from .elements import ElementChecks, ElementFault
 
 MODELS: dict[str, type[Resource]] = {
     "Condition": Condition,
@@ -82,6 +88,8 @@ class PatientRecord:
 
     unavailable: dict[str, str] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
+    #: the elements decisions read, by type: those resources are checked element by element (see module)
+    checks: ElementChecks | None = None
     consulted: set[str] = field(default_factory=set)
     _raw: dict[str, list[Mapping[str, Any]]] = field(default_factory=dict)
     _raw_by_reference: dict[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -104,13 +112,22 @@ class PatientRecord:
         return [m for m in models if m is not None]
 
     def validated(self, raw: Mapping[str, Any]) -> Any | None:
-        """The fhir.resources model of a resource of this record, or None when it is invalid (then it is
-        skipped, and named in :attr:`skipped`). Each resource is validated at most once."""
+        """The resource checked: a :class:`~cds_service.fhir.elements.Checked` view of the elements
+        :attr:`checks` names for its type, else its fhir.resources model; None when it is invalid (then it
+        is skipped, and named in :attr:`skipped`). Each resource is checked at most once."""
         key = id(raw)
         if key in self._models:
             return self._models[key]
-        model = MODELS[str(raw["resourceType"])]
+        rtype = str(raw["resourceType"])
         resource: Any | None = None
+        if self.checks is not None and self.checks.covers(rtype):
+            try:
+                resource = self.checks.check(raw)
+            except ElementFault as fault:
+                self.skipped.append(Skipped(reference_of(raw), str(fault)))
+            self._models[key] = resource
+            return resource
+        model = MODELS[rtype]
         try:
             resource = model.model_validate(raw)
         except ValidationError as error:

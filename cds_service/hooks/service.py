@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from ..engine.context import DECISION_CHECKS
 from ..engine.decision import Decision
 from ..engine.evaluate import decide
 from ..engine.orders import ORDER_TYPES, Medications, OrderFacts, medications_from, order_facts
@@ -324,7 +325,7 @@ class CoverageService:
         denied = [n for n in needs if access.factory is not None and not scopes.allows_search(n.resource_type)
                   and (n.key not in request.prefetch or is_operation_outcome(request.prefetch[n.key]))]
         record = await gather_record([n for n in needs if n not in denied], request.prefetch, request.patient_id,
-                                     access.factory, access.problem)
+                                     access.factory, access.problem, DECISION_CHECKS)
         for need in denied:
             record.mark_unavailable(need.resource_type, "the access token's scope does not allow reading it")
         return record
