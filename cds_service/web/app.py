@@ -35,6 +35,7 @@ from ..hooks.request import RequestError, redact
 from ..hooks.service import CoverageService, HookResult, Settings
 from ..jsonutil import JSONDecodeError, JSONTooDeep, dumps, loads
 from ..paths import data_dir
+from ..storage.replay import ReplayGuard
 from ..storage.store import AuditRecord, Store
 from ..urls import is_loopback
 from .errors import operation_outcome
@@ -289,8 +290,8 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
     store = Store(config.storage.url, writer=config.storage.audit_writer, spool_dir=config.storage.spool_dir,
                   spool_max_bytes=config.storage.spool_max_bytes,
                   database_timeout=config.storage.database_timeout_seconds, require_database=False)
-    authenticator = JwtAuthenticator(config.auth, store.claim_jti, jwks_transport) \
-        if config.auth.mode == "jwt" else None
+    replay = ReplayGuard(store.claim_jti)  # never waits long on the database (storage/replay.py)
+    authenticator = JwtAuthenticator(config.auth, replay, jwks_transport) if config.auth.mode == "jwt" else None
     cds = CdsApp(config, store, service, authenticator)
 
     @contextlib.asynccontextmanager
@@ -299,6 +300,7 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
             yield
         finally:
             await service.aclose()
+            replay.close()
             store.close()
 
     app = Starlette(
