@@ -73,6 +73,8 @@ def main() -> int:
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--html", help="also write pyinstrument's HTML report here")
     parser.add_argument("--no-profile", action="store_true", help="only time the requests")
+    parser.add_argument("--first", action="store_true", help="profile the first request after start-up only")
+    parser.add_argument("--settle", type=float, default=0.0, help="seconds to wait before the first request")
     args = parser.parse_args()
     body = build([args.size])[args.size].data
     workdir = Path(tempfile.mkdtemp(prefix="cds-profile-"))
@@ -84,7 +86,21 @@ def main() -> int:
 
     async def session() -> None:
         async with app.router.lifespan_context(app):
+            await asyncio.sleep(args.settle)
+            if args.first:
+                from pyinstrument import Profiler
+
+                profiler = Profiler(interval=0.0001, async_mode="disabled")
+                profiler.start()
+                first = await run(app, body, 1)
+                profiler.stop()
+                print(profiler.output_text(unicode=False, color=False, show_all=False))
+                print(f"{args.size}: first {first:.3f} ms (profiled)")
+                return
+            await asyncio.sleep(args.settle)
             first = await run(app, body, 1)
+            second = await run(app, body, 1)
+            print(f"{args.size}: first {first:.3f} ms, second {second:.3f} ms")
             await run(app, body, 200)
             if args.no_profile:
                 print(f"{args.size}: first {first:.3f} ms, mean {await run(app, body, args.requests):.3f} ms")

@@ -276,9 +276,19 @@ class ElementChecks:
         return compiled
 
     def compile_all(self) -> None:
-        """Compile every type now (at start-up), so that no request pays for it."""
+        """Compile every type now, and every complex type their checked elements can hold (at start-up), so that
+        no request pays for it."""
+        pending = []
         for rtype in self._spec:
-            self._compiled_for(rtype)
+            checks = self._compiled_for(rtype)
+            pending += [checks.definition.fields[k] for k in checks.keys]
+        seen: set[str] = set()
+        while pending:
+            spec = pending.pop()
+            if spec.kind != "complex" or spec.type_name is None or spec.type_name in seen:
+                continue
+            seen.add(spec.type_name)
+            pending.extend(_type(spec.type_name).fields.values())
 
     def check(self, raw: Mapping[str, Any]) -> Checked:
         """The checked view of a resource; :class:`ElementFault` naming the first malformed element."""

@@ -8,6 +8,7 @@ import sys
 from starlette.applications import Starlette
 
 from ..config import load_config
+from ..hooks.warmup import warm_up
 from .app import create_app
 
 
@@ -18,6 +19,10 @@ def app_from_environment() -> Starlette:
     # throughput fell by a quarter and p99 tripled. See bench/README.md.
     sys.setswitchinterval(0.0005)
     app = create_app(load_config())
+    # The first hook call would otherwise pay for everything used for the first time (fhir.resources
+    # validators, element checks, templates, code paths): 60-130 ms against a p50 of a few ms. See
+    # cds_service/hooks/warmup.py and bench/README.md.
+    warm_up(app.state.cds.service)
     # Everything built so far (modules, fhir.resources model classes, compiled policies and templates)
     # lives as long as the process. Parsing a request allocates tens of thousands of containers, which
     # triggers the cyclic garbage collector; its full collections would traverse that whole startup
