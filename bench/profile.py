@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import os
 import sys
 import tempfile
@@ -74,9 +75,20 @@ def main() -> int:
     parser.add_argument("--html", help="also write pyinstrument's HTML report here")
     parser.add_argument("--no-profile", action="store_true", help="only time the requests")
     parser.add_argument("--first", action="store_true", help="profile the first request after start-up only")
+    parser.add_argument("--fhir", help="read the record from this FHIR server (bench/fhir_server.py) instead of the "
+                                       "prefetch")
+    parser.add_argument("--show-all", action="store_true", help="show library frames too")
     parser.add_argument("--settle", type=float, default=0.0, help="seconds to wait before the first request")
     args = parser.parse_args()
     body = build([args.size])[args.size].data
+    if args.fhir:
+        from bench.run import FHIR_TOKEN
+
+        request = json.loads(body)
+        request.pop("prefetch")
+        request["fhirServer"] = args.fhir
+        request["fhirAuthorization"] = {"access_token": FHIR_TOKEN, "token_type": "Bearer", "scope": "patient/*.read"}
+        body = json.dumps(request).encode()
     workdir = Path(tempfile.mkdtemp(prefix="cds-profile-"))
     (workdir / "bench.toml").write_text(f'[storage]\nurl = "sqlite:///{workdir}/bench.sqlite3"\n')
     os.environ["CDS_SERVICE_CONFIG"] = str(workdir / "bench.toml")
@@ -111,7 +123,7 @@ def main() -> int:
             profiler.start()
             mean = await run(app, body, args.requests)
             profiler.stop()
-            print(profiler.output_text(unicode=False, color=False, show_all=False))
+            print(profiler.output_text(unicode=False, color=False, show_all=args.show_all))
             if args.html:
                 Path(args.html).write_text(profiler.output_html())
             print(f"{args.size}: first {first:.3f} ms, mean {mean:.3f} ms per request (profiled)")

@@ -214,8 +214,8 @@ def phase_latency(args: argparse.Namespace, body: Body, ports: Ports, workdir: P
             data = body.data
             if delay is not None:
                 port = ports.take()
-                fhir = Server("fhir", [sys.executable, *uvicorn("bench.fhir_server:app", port)], port,
-                              {**env, "BENCH_FHIR_DELAY_MS": str(delay), "BENCH_FHIR_TOKEN": FHIR_TOKEN})
+                fhir = Server("fhir", [sys.executable, str(ROOT / "bench/fhir_server.py"), "--port", str(port),
+                                       "--delay-ms", str(delay), "--token", FHIR_TOKEN], port, env)
                 data = fhir_request(body, port)
             service = start_service(ports, workdir, env, name=f"latency-{len(out)}")
             if args.settle:

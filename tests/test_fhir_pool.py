@@ -24,7 +24,7 @@ async def search(pool: FhirPool, base: str, token: str) -> Any:
         return await client.search_all({"conditions": "Condition?patient=p1"})
 
 
-def test_calls_share_one_client_per_origin_and_one_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_calls_reuse_keep_alive_connections_per_origin_and_one_tls_context(monkeypatch: pytest.MonkeyPatch) -> None:
     contexts: list[Any] = []
     create = httpx.create_ssl_context
 
@@ -39,19 +39,38 @@ def test_calls_share_one_client_per_origin_and_one_tls_context(monkeypatch: pyte
         with respx.mock(assert_all_called=False) as router:
             router.get(url__startswith=A).mock(return_value=httpx.Response(200, json=searchset([])))
             router.get(url__startswith=B).mock(return_value=httpx.Response(200, json=searchset([])))
-            async with pool.client("https://ehr-a.example.org") as first:
+            async with pool.connection("https://ehr-a.example.org", 1) as first:
                 pass
             await search(pool, A, "t1")
             await search(pool, A, "t2")
-            async with pool.client("https://ehr-a.example.org") as again:
+            async with pool.connection("https://ehr-a.example.org", 1) as again:
                 pass
             await search(pool, B, "t3")
-            return first, again, pool.origins()
+            return first, again, pool.origins(), pool.idle("https://ehr-a.example.org")
 
-    first, again, origins = asyncio.run(scenario())
-    assert first is again
+    first, again, origins, idle = asyncio.run(scenario())
+    assert first is again  # the same kept-alive connection, call after call
+    assert idle == 1
     assert origins == ["https://ehr-a.example.org", "https://ehr-b.example.org:8443"]
     assert len(contexts) == 1  # the CA bundle is loaded once for the process
+
+
+def test_connections_in_use_per_origin_are_bounded() -> None:
+    pool = FhirPool(PoolLimits(connections_per_origin=2, keepalive_per_origin=1))
+
+    async def scenario() -> tuple[bool, int]:
+        async with pool.connection("https://ehr-0.example.org", 1), pool.connection("https://ehr-0.example.org", 1):
+            try:  # a third waits for one, within its time budget
+                async with pool.connection("https://ehr-0.example.org", 0.05):
+                    pass
+                waited = False
+            except TimeoutError:
+                waited = True
+            async with pool.connection("https://ehr-1.example.org", 0.05):  # another origin has its own
+                pass
+        return waited, pool.idle("https://ehr-0.example.org")
+
+    assert asyncio.run(scenario()) == (True, 1)  # of the two, one is kept alive
 
 
 def test_each_request_carries_its_own_calls_token_and_no_cookie_of_another_call() -> None:
@@ -81,30 +100,31 @@ def test_origins_over_the_bound_are_closed_least_recently_used_first() -> None:
     pool = FhirPool(PoolLimits(origins=2))
     bases = [f"https://ehr-{i}.example.org/fhir" for i in range(3)]
 
-    async def scenario() -> list[bool]:
+    async def scenario() -> bool:
         with respx.mock(assert_all_called=False) as router:
             router.get(url__startswith="https://").mock(return_value=httpx.Response(200, json=searchset([])))
-            async with pool.client("https://ehr-0.example.org") as oldest:
+            async with pool.connection("https://ehr-0.example.org", 1) as oldest:
                 pass
-            for base in bases:
+            for base in bases[1:]:
                 await search(pool, base, "t")
-            return [oldest.is_closed]
+            return oldest.is_closed
 
-    assert asyncio.run(scenario()) == [True]
+    assert asyncio.run(scenario()) is True
     assert pool.origins() == ["https://ehr-1.example.org", "https://ehr-2.example.org"]
 
 
-def test_a_client_in_use_is_closed_only_when_its_call_ends() -> None:
-    pool = FhirPool(PoolLimits(origins=1))
+def test_a_connection_whose_request_failed_is_not_reused() -> None:
+    pool = FhirPool()
 
-    async def scenario() -> tuple[bool, bool]:
-        async with pool.client("https://ehr-0.example.org") as busy:
-            async with pool.client("https://ehr-1.example.org"):
-                pass
-            closed_while_used = busy.is_closed
-        return closed_while_used, busy.is_closed
+    async def scenario() -> tuple[bool, int]:
+        try:
+            async with pool.connection("https://ehr-0.example.org", 1) as broken:
+                raise httpx.ReadError("reset")
+        except httpx.ReadError:
+            pass
+        return broken.is_closed, pool.idle("https://ehr-0.example.org")
 
-    assert asyncio.run(scenario()) == (False, True)
+    assert asyncio.run(scenario()) == (True, 0)
 
 
 def test_the_service_keeps_its_pool_across_calls_and_closes_it(service: CoverageService) -> None:

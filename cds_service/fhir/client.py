@@ -8,7 +8,7 @@ A search that fails is reported as a :class:`Failure`, never raised. When the se
 error, a timeout, a refused connection, garbage) the reason is the generic :data:`SERVER_UNREADABLE`, so that
 a clinician-facing card cannot serve as a port scanner's oracle; the detail goes to the log only.
 
-Connections are the process's (:class:`FhirPool`): one TLS context, and per FHIR origin one pool of keep-alive
+Connections are the process's (:class:`FhirPool`): one TLS context, and per FHIR origin a pool of keep-alive
 connections with bounds, so that a hook call neither loads the CA bundle nor opens new connections. What
 belongs to one hook call is never shared: the ``Authorization`` header goes with each request of the call that
 owns the token, the pooled clients carry no credentials and keep no cookies, and a connection is only ever
@@ -64,12 +64,32 @@ class PoolLimits:
     origins: int = 32
 
 
+@dataclass
+class _Connection:
+    """One keep-alive connection: an ``httpx.AsyncClient`` that holds at most one."""
+
+    client: httpx.AsyncClient
+    idle_since: float = 0.0
+
+
+@dataclass
+class _Origin:
+    slots: asyncio.Semaphore
+    idle: list[_Connection]
+    busy: int = 0
+
+
 class FhirPool:
-    """The process's HTTP clients for FHIR servers: one TLS context (the CA bundle is loaded once), and one
-    ``httpx.AsyncClient`` per origin (scheme, host and port), each a pool of keep-alive connections within
-    :class:`PoolLimits`. The clients hold no credentials and keep no cookies (a jar whose policy accepts none):
-    :class:`FhirClient` sends each call's own ``Authorization`` with each of its requests. At most
-    ``origins`` clients are kept; the least recently used one is closed once no call uses it.
+    """The process's connections to FHIR servers: one TLS context (the CA bundle is loaded once), and per origin
+    (scheme, host and port) a pool of keep-alive connections within :class:`PoolLimits`: at most
+    ``connections_per_origin`` in use (a search waits for one, within its time budget), at most
+    ``keepalive_per_origin`` kept idle, for ``keepalive_seconds``; at most ``origins`` origins (the least
+    recently used one's idle connections are closed).
+
+    Each connection is an ``httpx.AsyncClient`` limited to one connection, which a search holds alone while it
+    reads a page: httpx's own pool, shared by concurrent searches, scans every connection for each request and
+    cost twice the CPU per search (bench/README.md). The clients hold no credentials and keep no cookies (a jar
+    whose policy accepts none): :class:`FhirClient` sends each call's own ``Authorization`` with each request.
 
     Connections belong to the event loop that opened them: when the pool is used from another loop (a test
     that calls the service with ``asyncio.run`` more than once), it starts afresh there."""
@@ -78,75 +98,87 @@ class FhirPool:
         self.limits = limits or PoolLimits()
         self._transport = transport
         self._ssl: ssl.SSLContext | None = None
-        self._clients: OrderedDict[str, httpx.AsyncClient] = OrderedDict()
-        self._users: dict[int, int] = {}  # id(client) -> calls using it
-        self._retired: list[httpx.AsyncClient] = []
+        self._origins: OrderedDict[str, _Origin] = OrderedDict()
         self._loop: asyncio.AbstractEventLoop | None = None
 
     def ssl_context(self) -> ssl.SSLContext:
-        """The TLS context of every client (created once: it loads the CA bundle, about 25 ms)."""
+        """The TLS context of every connection (created once: it loads the CA bundle, about 25 ms)."""
         if self._ssl is None:
             self._ssl = httpx.create_ssl_context()
         return self._ssl
 
     def _new_client(self) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=self.limits.connections_per_origin,
-                              max_keepalive_connections=self.limits.keepalive_per_origin,
-                              keepalive_expiry=self.limits.keepalive_seconds)
         return httpx.AsyncClient(
             headers={"Accept": "application/fhir+json"},
             follow_redirects=False,
             cookies=CookieJar(DefaultCookiePolicy(allowed_domains=[])),
             verify=self.ssl_context(),
-            limits=limits,
+            limits=httpx.Limits(max_connections=1, max_keepalive_connections=1,
+                                keepalive_expiry=self.limits.keepalive_seconds),
             transport=self._transport,
         )
 
-    @asynccontextmanager
-    async def client(self, origin: str) -> AsyncIterator[httpx.AsyncClient]:
-        """The pooled client of ``origin``, for the duration of one call."""
+    def _origin(self, origin: str) -> _Origin:
         loop = asyncio.get_running_loop()
         if loop is not self._loop:  # connections of another (finished) loop cannot be used or closed here
             self._loop = loop
-            self._clients.clear()
-            self._users.clear()
-            self._retired.clear()
-        client = self._clients.get(origin)
-        if client is None:
-            client = self._clients[origin] = self._new_client()
-        self._clients.move_to_end(origin)
-        self._users[id(client)] = self._users.get(id(client), 0) + 1
-        try:
-            yield client
-        finally:
-            self._users[id(client)] -= 1
-            await self._trim()
+            self._origins.clear()
+        found = self._origins.get(origin)
+        if found is None:
+            found = self._origins[origin] = _Origin(asyncio.Semaphore(self.limits.connections_per_origin), [])
+        self._origins.move_to_end(origin)
+        return found
 
-    async def _trim(self) -> None:
-        """Retire clients over the bound on origins (least recently used first); close retired clients that
-        no call uses any more."""
-        while len(self._clients) > self.limits.origins:
-            self._retired.append(self._clients.popitem(last=False)[1])
-        busy = []
-        for client in self._retired:
-            if self._users.get(id(client), 0) > 0:
-                busy.append(client)
-            else:
-                self._users.pop(id(client), None)
-                await client.aclose()
-        self._retired = busy
+    @asynccontextmanager
+    async def connection(self, origin: str, timeout: float) -> AsyncIterator[httpx.AsyncClient]:
+        """A connection to ``origin`` held alone for one request; TimeoutError when none is free in time."""
+        state = self._origin(origin)
+        await asyncio.wait_for(state.slots.acquire(), timeout)
+        state.busy += 1
+        connection = state.idle.pop() if state.idle else _Connection(self._new_client())
+        reusable = False
+        try:
+            yield connection.client
+            reusable = True
+        finally:
+            state.busy -= 1
+            state.slots.release()
+            await self._release(origin, state, connection, reusable)
+
+    async def _release(self, origin: str, state: _Origin, connection: _Connection, reusable: bool) -> None:
+        now = time.monotonic()
+        expired = [c for c in state.idle if now - c.idle_since > self.limits.keepalive_seconds]
+        state.idle = [c for c in state.idle if c not in expired]
+        kept = reusable and self._origins.get(origin) is state and len(state.idle) < self.limits.keepalive_per_origin
+        if kept:
+            connection.idle_since = now
+            state.idle.append(connection)
+        else:
+            expired.append(connection)
+        while len(self._origins) > self.limits.origins:
+            _, evicted = self._origins.popitem(last=False)
+            expired.extend(evicted.idle)
+            evicted.idle = []
+        for item in expired:
+            await item.client.aclose()
 
     def origins(self) -> list[str]:
-        """The origins that have a client now (for tests and diagnostics)."""
-        return list(self._clients)
+        """The origins that have connections now, least recently used first (for tests and diagnostics)."""
+        return [o for o, state in self._origins.items() if state.idle or state.busy]
+
+    def idle(self, origin: str) -> int:
+        """How many keep-alive connections to ``origin`` are idle now."""
+        state = self._origins.get(origin)
+        return len(state.idle) if state is not None else 0
 
     async def aclose(self) -> None:
         if self._loop is not None and self._loop is not asyncio.get_running_loop():
             return
-        for client in [*self._clients.values(), *self._retired]:
-            await client.aclose()
-        self._clients.clear()
-        self._retired.clear()
+        for state in self._origins.values():
+            for connection in state.idle:
+                await connection.client.aclose()
+            state.idle = []
+        self._origins.clear()
 
 
 class _Unreadable(Exception):
@@ -176,17 +208,11 @@ class FhirClient:
         self._headers = {"Authorization": f"Bearer {access_token}"} if access_token else {}
         self._own_pool = pool is None
         self._pool = pool or FhirPool(transport=transport)
-        self._lease: Any = None
-        self._client: httpx.AsyncClient | None = None
 
     async def __aenter__(self) -> FhirClient:
-        self._lease = self._pool.client(self.origin)
-        self._client = await self._lease.__aenter__()
         return self
 
     async def __aexit__(self, *exc: object) -> None:
-        self._client = None
-        await self._lease.__aexit__(None, None, None)
         if self._own_pool:
             await self._pool.aclose()
 
@@ -261,10 +287,11 @@ class FhirClient:
     async def _get(self, url: str, remaining: float) -> bytes:
         """One page's body, read as a stream and abandoned once it passes ``MAX_PAGE_BYTES`` or what is
         left of the call's byte limit."""
-        if self._client is None:
-            raise RuntimeError("FhirClient used outside 'async with'")
+        started = time.monotonic()
         try:
-            async with self._client.stream("GET", url, headers=self._headers, timeout=remaining) as response:
+            async with self._pool.connection(self.origin, remaining) as client, \
+                    client.stream("GET", url, headers=self._headers,
+                                  timeout=max(0.001, remaining - (time.monotonic() - started))) as response:
                 if response.status_code != 200:
                     raise _Unreadable(f"HTTP {response.status_code}")
                 declared = response.headers.get("content-length", "")
@@ -283,7 +310,7 @@ class FhirClient:
                         raise _OverLimit
                     chunks.append(chunk)
                 return b"".join(chunks)
-        except httpx.TimeoutException:
+        except (httpx.TimeoutException, TimeoutError):
             raise _Unreadable(f"timed out after {self.budget:g} s") from None
         except httpx.HTTPError as error:
             raise _Unreadable(f"unreachable ({type(error).__name__})") from None
