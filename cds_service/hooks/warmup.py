@@ -6,9 +6,10 @@ checks of the record, the card templates, the policies' compiled value sets and 
 warm-up answers, in process and without the audit log, one request per hook with an order for each trigger of
 each policy (codes taken from the triggers' own value sets, so it follows whatever the policy files say) and a
 record of one resource per type, then the same request without prefetch from a FHIR server of its own on a
-loopback port (the HTTP client's code: connections, HTTP/1.1, paging, the record), and prepares the TLS context of
-the FHIR connections. It runs in a thread of its own with its own event loop, before the service answers
-anything. It never stops the service from starting: a failure is logged and the service starts cold.
+loopback port (the HTTP client's code: connections, HTTP/1.1, the record), and prepares the TLS context of the
+FHIR connections. ``cds-service serve`` runs it at the start of the app's lifespan, in the event loop that will
+serve, before the service answers anything. It never stops the service from starting: a failure is logged and
+the service starts cold.
 """
 
 from __future__ import annotations
@@ -201,25 +202,29 @@ async def _warm(service: CoverageService, orders: list[dict[str, Any]], done: Wa
         await server.wait_closed()
 
 
-def warm_up(service: CoverageService) -> WarmUp:
-    """Warm the service (see the module). Runs in a thread of its own with its own event loop (the caller may be
-    inside a running one: uvicorn builds the app there), and waits for it."""
+async def warm(service: CoverageService) -> WarmUp:
+    """Warm the service (see the module) in the running event loop: the one that will serve (so that its default
+    executor, which connecting uses to resolve addresses, and the FHIR connection code are warm too)."""
     started = time.perf_counter()
     done = WarmUp()
-
-    def run() -> None:
-        try:
-            DECISION_CHECKS.compile_all()
-            service.fhir_pool.ssl_context()
-            asyncio.run(_warm(service, trigger_orders(service), done))
-        except Exception:
-            done.failed = True
-            log.exception("warm-up failed; the first hook calls will be slower")
-
-    thread = threading.Thread(target=run, name="cds-warm-up")
-    thread.start()
-    thread.join()
+    try:
+        DECISION_CHECKS.compile_all()
+        service.fhir_pool.ssl_context()
+        await _warm(service, trigger_orders(service), done)
+    except Exception:
+        done.failed = True
+        log.exception("warm-up failed; the first hook calls will be slower")
     done.seconds = time.perf_counter() - started
     log.info("warm-up: %d decisions, %d FHIR searches in %.0f ms", done.decisions, done.fhir_searches,
              done.seconds * 1000)
     return done
+
+
+def warm_up(service: CoverageService) -> WarmUp:
+    """:func:`warm` for a caller without an event loop, or inside one that must not be blocked from within: runs
+    in a thread of its own with its own loop, and waits for it."""
+    found: list[WarmUp] = []
+    thread = threading.Thread(target=lambda: found.append(asyncio.run(warm(service))), name="cds-warm-up")
+    thread.start()
+    thread.join()
+    return found[0] if found else WarmUp(failed=True)

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import sys
+from collections.abc import AsyncIterator
 
 from starlette.applications import Starlette
 
 from ..config import load_config
-from ..hooks.warmup import warm_up
+from ..hooks.warmup import warm
 from .app import create_app
 
 
@@ -19,15 +21,25 @@ def app_from_environment() -> Starlette:
     # throughput fell by a quarter and p99 tripled. See bench/README.md.
     sys.setswitchinterval(0.0005)
     app = create_app(load_config())
-    # The first hook call would otherwise pay for everything used for the first time (fhir.resources
-    # validators, element checks, templates, code paths): 60-130 ms against a p50 of a few ms. See
-    # cds_service/hooks/warmup.py and bench/README.md.
-    warm_up(app.state.cds.service)
-    # Everything built so far (modules, fhir.resources model classes, compiled policies and templates)
-    # lives as long as the process. Parsing a request allocates tens of thousands of containers, which
-    # triggers the cyclic garbage collector; its full collections would traverse that whole startup
-    # heap every time. Freezing it takes it out of collection: measured in process, a typical request
-    # went from 10.4 to 5.5 ms. See bench/README.md.
-    gc.collect()
-    gc.freeze()
+    service = app.state.cds.service
+    serve = app.router.lifespan_context
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        # The first hook call would otherwise pay for everything used for the first time (fhir.resources
+        # validators, element checks, templates, the loop's executor and the FHIR client's code): 60-300 ms
+        # against a p50 of a few ms. Run in the loop that will serve, before it serves. See
+        # cds_service/hooks/warmup.py and bench/README.md.
+        await warm(service)
+        # Everything built so far (modules, fhir.resources model classes, compiled policies and templates)
+        # lives as long as the process. Parsing a request allocates tens of thousands of containers, which
+        # triggers the cyclic garbage collector; its full collections would traverse that whole startup
+        # heap every time. Freezing it takes it out of collection: measured in process, a typical request
+        # went from 10.4 to 5.5 ms. See bench/README.md.
+        gc.collect()
+        gc.freeze()
+        async with serve(app):  # the app's own lifespan (it keeps no state)
+            yield
+
+    app.router.lifespan_context = lifespan
     return app
