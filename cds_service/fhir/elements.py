@@ -48,7 +48,7 @@ class _Field:
     required: bool
     choice: str | None
     kind: str  # "primitive", "complex" or "resource"
-    adapter: TypeAdapter[Any] | None = None
+    adapter: TypeAdapter[Any] | None = None  # set for primitives only
     type_name: str | None = None
 
 
@@ -155,81 +155,98 @@ class Checked:
         return f"Checked({self._type}, {sorted(self._values)})"
 
 
-def _check_value(spec: _Field, value: Any, path: str) -> Any:
-    if spec.many:
-        if not isinstance(value, list):
-            raise ElementFault(f"{path}: expected a list")
-        out = []
-        for index, item in enumerate(value):
-            if item is None:
-                raise ElementFault(f"{path}.{index}: null in a list")
-            out.append(_check_one(spec, item, f"{path}.{index}"))
-        return out
-    return _check_one(spec, value, path)
+class _Fault(Exception):
+    """A fault found inside an element: the path is built on the way out (only when there is a fault)."""
+
+    def __init__(self, message: str, *path: str) -> None:
+        self.message = message
+        self.path = list(path)
+
+    def within(self, *outer: str) -> _Fault:
+        self.path[:0] = outer
+        return self
+
+    def fault(self) -> ElementFault:
+        return ElementFault(f"{'.'.join(self.path)}: {self.message}")
 
 
-def _check_one(spec: _Field, value: Any, path: str) -> Any:
-    if spec.kind == "primitive":
-        assert spec.adapter is not None
+def _check_value(spec: _Field, value: Any) -> Any:
+    if not spec.many:
+        return _check_one(spec, value)
+    if not isinstance(value, list):
+        raise _Fault("expected a list")
+    out = []
+    for index, item in enumerate(value):
+        if item is None:
+            raise _Fault("null in a list", str(index))
         try:
-            return spec.adapter.validate_python(value)
+            out.append(_check_one(spec, item))
+        except _Fault as fault:
+            raise fault.within(str(index)) from None
+    return out
+
+
+def _check_one(spec: _Field, value: Any) -> Any:
+    adapter = spec.adapter
+    if adapter is not None:
+        try:
+            return adapter.validate_python(value)
         except ValidationError as error:
-            first = error.errors()[0]
-            raise ElementFault(f"{path}: {first.get('msg', 'invalid')}") from None
+            raise _Fault(str(error.errors()[0].get("msg", "invalid"))) from None
     if not isinstance(value, Mapping):
-        raise ElementFault(f"{path}: expected an object")
+        raise _Fault("expected an object")
     if spec.kind == "resource":
-        return _whole_resource(value, path)
+        return _whole_resource(value)
     assert spec.type_name is not None
-    return Checked(spec.type_name, _check_complex(_type(spec.type_name), value, path), None)
+    return Checked(spec.type_name, _check_complex(_type(spec.type_name), value), None)
 
 
-def _whole_resource(value: Mapping[str, Any], path: str) -> Any:
+def _whole_resource(value: Mapping[str, Any]) -> Any:
     """A resource inside an element (``contained``): validated whole with fhir.resources."""
     rtype = value.get("resourceType")
     try:
         model = get_fhir_model_class(str(rtype))
     except (KeyError, ValueError):
-        raise ElementFault(f"{path}: unknown resourceType {rtype!r}") from None
+        raise _Fault(f"unknown resourceType {rtype!r}") from None
     try:
         return model.model_validate(value)
     except (ValidationError, TypeError, ValueError) as error:
-        raise ElementFault(f"{path}: invalid {rtype} ({type(error).__name__})") from None
+        raise _Fault(f"invalid {rtype} ({type(error).__name__})") from None
 
 
-def _check_complex(definition: _Type, value: Mapping[str, Any], path: str) -> dict[str, Any]:
+def _check_complex(definition: _Type, value: Mapping[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {}
     fields = definition.fields
     for key, item in value.items():
-        if key in _IGNORED:
-            continue
         spec = fields.get(key)
         if spec is None:
-            raise ElementFault(f"{path}.{key}: not an element of {definition.name}")
+            if key in _IGNORED:
+                continue
+            raise _Fault(f"not an element of {definition.name}", key)
         if item is None:
             continue
-        out[key] = _check_value(spec, item, f"{path}.{key}")
-    _check_presence(definition, value, out, path, None)
+        try:
+            out[key] = _check_value(spec, item)
+        except _Fault as fault:
+            raise fault.within(key) from None
+    if definition.required or definition.choices:
+        _check_presence(definition, value, out, None)
     return out
 
 
-def _check_presence(definition: _Type, value: Mapping[str, Any], out: Mapping[str, Any], path: str,
+def _check_presence(definition: _Type, value: Mapping[str, Any], out: Mapping[str, Any],
                     only: frozenset[str] | None) -> None:
     for name in definition.required:
         if (only is None or name in only) and name not in out and f"_{name}" not in value:
-            raise ElementFault(f"{_join(path, name)}: required")
+            raise _Fault("required", name)
     for group, names in definition.choices.items():
         if only is not None and group not in only:
             continue
         present = [n for n in names if not n.startswith("_") and n in out]
         if len(present) > 1:
-            raise ElementFault(f"{_join(path, group)}[x]: only one of {', '.join(present)} is allowed")
+            raise _Fault(f"only one of {', '.join(present)} is allowed", f"{group}[x]")
         if not present and group in definition.required_choices:
-            raise ElementFault(f"{_join(path, group)}[x]: required")
-
-
-def _join(path: str, name: str) -> str:
-    return f"{path}.{name}" if path else name
+            raise _Fault("required", f"{group}[x]")
 
 
 @dataclass(frozen=True)
@@ -296,10 +313,16 @@ class ElementChecks:
         checks = self._compiled_for(rtype)
         fields = checks.definition.fields
         out: dict[str, Any] = {}
-        for key in checks.keys:
-            item = raw.get(key)
-            if item is None:
-                continue
-            out[key] = _check_value(fields[key], item, key)
-        _check_presence(checks.definition, raw, out, "", checks.given)
+        try:
+            for key in checks.keys:
+                item = raw.get(key)
+                if item is None:
+                    continue
+                try:
+                    out[key] = _check_value(fields[key], item)
+                except _Fault as fault:
+                    raise fault.within(key) from None
+            _check_presence(checks.definition, raw, out, checks.given)
+        except _Fault as fault:
+            raise fault.fault() from None
         return Checked(rtype, out, checks.names)

@@ -84,7 +84,17 @@ def _linked(drug: OrderFacts, pump: OrderFacts) -> bool:
 
 def pump_drugs(ctx: EvaluationContext, pump_routes: Sequence[ValueSet],
                linked_routes: Sequence[ValueSet]) -> list[PumpDrug]:
-    """The drugs the pump ordered in ``ctx.order`` will deliver (see the module's description)."""
+    """The drugs the pump ordered in ``ctx.order`` will deliver (see the module's description); found once per
+    decision and set of routes (several criteria ask)."""
+    key = "pump-drugs:" + "|".join(vs.name for vs in pump_routes) + ":" + "|".join(vs.name for vs in linked_routes)
+    found: list[PumpDrug] | None = ctx.scope.memo.get(key)
+    if found is None:
+        found = ctx.scope.memo[key] = _pump_drugs(ctx, pump_routes, linked_routes)
+    return list(found)
+
+
+def _pump_drugs(ctx: EvaluationContext, pump_routes: Sequence[ValueSet],
+                linked_routes: Sequence[ValueSet]) -> list[PumpDrug]:
     pump = ctx.order
     every_route = [*pump_routes, *linked_routes]
     pump_clues = [c for c in order_route_clues(pump) if c.strength != IMPLIED]
