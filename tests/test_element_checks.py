@@ -203,3 +203,17 @@ def test_a_record_without_checks_validates_whole_resources_as_before() -> None:
     record.add_all([{**CONDITION, "subject": "x"}], {"Condition": None})
     assert record.of_type("Condition") == []
     assert record.skipped[0].reason.startswith("subject")
+
+
+def test_remembered_primitive_values_are_valid_ones_only_and_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    from cds_service.fhir import elements
+
+    monkeypatch.setattr(elements._Primitive, "SIZE", 3)
+    for _ in range(2):  # a malformed value is refused every time, not remembered
+        with pytest.raises(ElementFault, match="recordedDate"):
+            DECISION_CHECKS.check({**CONDITION, "recordedDate": "2024-02-30"})
+    for day in range(1, 20):
+        view = DECISION_CHECKS.check({**CONDITION, "recordedDate": f"2024-01-{day:02d}"})
+        assert str(view.recordedDate).startswith(f"2024-01-{day:02d}")
+    dates = elements._type("Condition").fields["recordedDate"].adapter
+    assert dates is not None and 0 < len(dates._valid) <= 3

@@ -48,7 +48,7 @@ class _Field:
     required: bool
     choice: str | None
     kind: str  # "primitive", "complex" or "resource"
-    adapter: TypeAdapter[Any] | None = None  # set for primitives only
+    adapter: _Primitive | None = None  # set for primitives only
     type_name: str | None = None
 
 
@@ -62,7 +62,34 @@ class _Type:
     required: tuple[str, ...] = ()
 
 
-_ADAPTERS: dict[str, TypeAdapter[Any]] = {}
+class _Primitive:
+    """A primitive type's validator (fhir.resources' own, through pydantic), remembering the text values it has
+    accepted: codes, systems, dates and units repeat from resource to resource and request to request. Only
+    short text is remembered, at most ``SIZE`` values per type (then it starts afresh), and only what was valid;
+    the values it gives are immutable (text, dates, numbers)."""
+
+    SIZE = 4096
+    LONGEST = 256
+
+    def __init__(self, annotation: Any) -> None:
+        self._adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+        self._valid: dict[str, Any] = {}
+
+    def validate(self, value: Any) -> Any:
+        if type(value) is str:
+            found = self._valid.get(value, _MISSING)
+            if found is not _MISSING:
+                return found
+        result = self._adapter.validate_python(value)
+        if type(value) is str and len(value) <= self.LONGEST:
+            if len(self._valid) >= self.SIZE:
+                self._valid.clear()
+            self._valid[value] = result
+        return result
+
+
+_MISSING = object()
+_ADAPTERS: dict[str, _Primitive] = {}
 _TYPES: dict[str, _Type] = {}
 
 
@@ -86,7 +113,7 @@ def _field(name: str, info: Any) -> _Field:
         key = repr(item)
         adapter = _ADAPTERS.get(key)
         if adapter is None:
-            adapter = _ADAPTERS[key] = TypeAdapter(item)
+            adapter = _ADAPTERS[key] = _Primitive(item)
         return _Field(name, many, required, choice, "primitive", adapter=adapter)
     if not type_name.endswith("Type"):
         raise TypeError(f"{name}: no check for {item!r}")
@@ -190,7 +217,7 @@ def _check_one(spec: _Field, value: Any) -> Any:
     adapter = spec.adapter
     if adapter is not None:
         try:
-            return adapter.validate_python(value)
+            return adapter.validate(value)
         except ValidationError as error:
             raise _Fault(str(error.errors()[0].get("msg", "invalid"))) from None
     if not isinstance(value, Mapping):

@@ -93,6 +93,25 @@ class ScoreIndex:
         return found
 
 
+def _score_code(ctx: EvaluationContext, value_set: ValueSet, concept: Any,
+                codes: dict[tuple[tuple[str | None, str | None], ...], str | None]) -> str | None:
+    """The code of the first coding of ``concept`` (JSON) in ``value_set``; computed once per distinct list of
+    (system, code) pairs, which is all the match depends on (anything but text is matched afresh)."""
+    items = concept.get("coding") if isinstance(concept, Mapping) else None
+    if isinstance(items, Mapping):
+        items = [items]
+    key = tuple((c.get("system"), c.get("code")) for c in items if isinstance(c, Mapping)) \
+        if isinstance(items, list) else ()
+    cacheable = all(isinstance(v, str | None) for pair in key for v in pair)  # hashable, as JSON text is
+    if cacheable and key in codes:
+        return codes[key]
+    coding = value_set.first_match(ctx.systems.concept(concept).codings)
+    code = coding.code if coding is not None else None
+    if cacheable:
+        codes[key] = code
+    return code
+
+
 def pain_scores(ctx: EvaluationContext, value_set: ValueSet) -> ScoreIndex:
     """The final, numeric pain scores in ``value_set``, read once per decision."""
     key = f"pain-scores:{value_set.name}"
@@ -100,17 +119,18 @@ def pain_scores(ctx: EvaluationContext, value_set: ValueSet) -> ScoreIndex:
         return ctx.scope.memo[key]  # type: ignore[no-any-return]
     dated: list[PainScore] = []
     by_part: dict[str, list[PainScore]] = {}
+    codes: dict[tuple[tuple[str | None, str | None], ...], str | None] = {}  # a record's scores share codings
     for raw in ctx.raw_resources("Observation"):
         if str(raw.get("status")) not in FINAL:  # str(): any JSON value, hashable
             continue
-        coding = value_set.first_match(ctx.systems.concept(raw.get("code")).codings)
+        code = _score_code(ctx, value_set, raw.get("code"), codes)
         value = _number(raw)
-        if coding is None or value is None:
+        if code is None or value is None:
             continue
         period = raw.get("effectivePeriod")
         when = as_utc(raw.get("effectiveDateTime")) or (
             as_utc(period.get("start")) if isinstance(period, Mapping) else None)
-        score = PainScore(raw_reference(raw), coding.code, value, when, _references(raw, "partOf"), raw)
+        score = PainScore(raw_reference(raw), code, value, when, _references(raw, "partOf"), raw)
         for part in score.part_of:
             by_part.setdefault(part, []).append(score)
             tail = part.rsplit("/", 2)
