@@ -16,7 +16,7 @@ from typing import Any
 
 from ..fhir.elements import ElementChecks
 from ..fhir.record import PatientRecord
-from ..terminology import CodeSystems, Coding, Concept, ValueSet
+from ..terminology import CodeSystems, Coding, Concept, Match, ValueSet
 from .dates import as_utc
 from .decision import Result
 from .orders import DrugFacts, Medications, OrderFacts, drug_facts
@@ -107,6 +107,8 @@ class DecisionScope:
     cache: dict[int, Result] = field(default_factory=dict)
     #: shared intermediate results (e.g. the pain scores read once for several criteria)
     memo: dict[str, Any] = field(default_factory=dict)
+    #: value-set matches of concepts (see EvaluationContext.find)
+    found: dict[tuple[str, Concept], Match | None] = field(default_factory=dict)
     text_read: list[str] = field(default_factory=list)
 
     def read_text(self, what: str) -> None:
@@ -185,8 +187,25 @@ class EvaluationContext:
                 codings.append(Coding(short or (coding.system or ""), coding.code.strip(), coding.display))
         return Concept(codings=tuple(codings), text=model.text)
 
+    def find(self, value_set: ValueSet, concept: Concept) -> Match | None:
+        """``value_set.find(concept)``, once per decision for each value set and concept (the criteria that
+        depend on the indication ask again for each candidate)."""
+        key = (value_set.name, concept)
+        found = self.scope.found
+        if key not in found:
+            found[key] = value_set.find(concept)
+        return found[key]
+
     def conditions(self, status: str) -> Iterator[CountedCondition]:
-        """Conditions that count under the status rule ``status`` (see condition-status.yaml)."""
+        """Conditions that count under the status rule ``status`` (see condition-status.yaml); read once per
+        decision."""
+        key = f"conditions:{status}"
+        counted = self.scope.memo.get(key)
+        if counted is None:
+            counted = self.scope.memo[key] = list(self._conditions(status))
+        return iter(counted)
+
+    def _conditions(self, status: str) -> Iterator[CountedCondition]:
         rule = self.statuses.rule(status)
         for condition in self.resources("Condition"):
             verification = status_code(condition.verificationStatus)

@@ -26,7 +26,7 @@ class IndicationIn(Criterion):
         if indication is None:
             return Result.unknown(Gap("the indication for the order", None, "indication"))
         for vs in self.sets:
-            found = vs.find(indication.concept)
+            found = ctx.find(vs, indication.concept)
             if found is not None:
                 return Result.met(Evidence(indication.reference,
                                            f"indication '{indication.label()}' ({indication.source}) "
@@ -54,7 +54,7 @@ class ConditionIn(Criterion):
     def _evaluate(self, ctx: EvaluationContext) -> Result:
         for reason in ctx.order.reasons:
             for vs in self.sets:
-                found = vs.find(reason)
+                found = ctx.find(vs, reason)
                 if found is not None:
                     if found.via_text:
                         ctx.scope.read_text(f"order reason text '{reason.label()}'")
@@ -63,7 +63,7 @@ class ConditionIn(Criterion):
         questions: list[Evidence] = []
         for counted in ctx.conditions(self.status):
             for vs in self.sets:
-                found = vs.find(counted.concept)
+                found = ctx.find(vs, counted.concept)
                 if found is None:
                     continue
                 finding = f"condition '{counted.concept.label()}' is {vs.title} [{found.how}]"
@@ -146,7 +146,7 @@ class ExistingDevice(Criterion):
                 return Result.met(Evidence(f"Device/{model.id}", f"{self.label} in use: '{concept.label()}' "
                                                                   f"[{found.how}]"))
         for counted in ctx.conditions("history"):
-            found = self.conditions.find(counted.concept)
+            found = ctx.find(self.conditions, counted.concept)
             if found is not None and not counted.question:
                 return Result.met(Evidence(counted.reference, f"'{counted.concept.label()}' shows {self.label} in "
                                                               f"use [{found.how}]"))

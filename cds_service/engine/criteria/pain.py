@@ -53,7 +53,7 @@ class ChronicPain(Criterion):
             return Result.unknown(Gap("the indication for the order", None, "indication"))
         concepts = [indication.concept, indication.full]
         for vs, verdict in ((self.chronic, True), (self.acute, False)):
-            found = next((f for f in (vs.find(c) for c in concepts) if f), None)
+            found = next((f for f in (ctx.find(vs, c) for c in concepts) if f), None)
             if found is None:
                 continue
             if found.via_text:
@@ -115,7 +115,7 @@ class PainSeverity(Criterion):
                 concepts.append(ctx.concept(condition.severity))
                 concepts += [Concept((), n.text) for n in condition.note or [] if n.text]
             for concept in concepts:
-                found = self.statements.find(concept)
+                found = ctx.find(self.statements, concept)
                 if found is not None:
                     if found.via_text:
                         ctx.scope.read_text(f"{indication.reference}: '{concept.label()}' read as "
