@@ -4,13 +4,14 @@ calls, while what belongs to a call (its token) stays with that call's requests.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 import respx
 
-from cds_service.fhir.client import FhirClient, FhirPool, PoolLimits
+from cds_service.fhir.client import SERVER_UNREADABLE, FhirClient, FhirPool, PoolLimits
 from cds_service.hooks.service import CoverageService
 
 from .support import searchset
@@ -138,3 +139,41 @@ def test_the_service_keeps_its_pool_across_calls_and_closes_it(service: Coverage
             return before, service.fhir_pool.origins()
 
     assert asyncio.run(scenario()) == (["https://ehr-a.example.org"], [])
+
+
+def test_a_kept_alive_connection_the_server_closed_is_retried_once_on_a_new_one() -> None:
+    pool = FhirPool()
+    answers: Iterator[httpx.Response | Exception] = iter([httpx.Response(200, json=searchset([])),
+                    httpx.RemoteProtocolError("Server disconnected without sending a response."),
+                    httpx.Response(200, json=searchset([]))])
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        item = next(answers)
+        if isinstance(item, Exception):
+            raise item
+        return item
+
+    async def scenario() -> tuple[Any, Any, int]:
+        with respx.mock(assert_all_called=False) as router:
+            route = router.get(url__startswith=A).mock(side_effect=answer)
+            first = await search(pool, A, "t")
+            second = await search(pool, A, "t")  # its kept-alive connection fails: read again on a new one
+            return first, second, route.call_count
+
+    first, second, calls = asyncio.run(scenario())
+    assert first == {"conditions": []} and second == {"conditions": []}
+    assert calls == 3
+
+
+def test_a_server_that_keeps_failing_is_not_retried_forever() -> None:
+    pool = FhirPool()
+
+    async def scenario() -> tuple[Any, int]:
+        with respx.mock(assert_all_called=False) as router:
+            route = router.get(url__startswith=A).mock(side_effect=httpx.RemoteProtocolError("reset"))
+            result = await search(pool, A, "t")
+            return result["conditions"], route.call_count
+
+    failure, calls = asyncio.run(scenario())
+    assert failure.reason == SERVER_UNREADABLE
+    assert calls == 2  # once, then once more on a new connection

@@ -130,12 +130,13 @@ class FhirPool:
         return found
 
     @asynccontextmanager
-    async def connection(self, origin: str, timeout: float) -> AsyncIterator[httpx.AsyncClient]:
-        """A connection to ``origin`` held alone for one request; TimeoutError when none is free in time."""
+    async def connection(self, origin: str, timeout: float, fresh: bool = False) -> AsyncIterator[httpx.AsyncClient]:
+        """A connection to ``origin`` held alone for one request (``fresh``: a new one, not a kept-alive one);
+        TimeoutError when none is free in time. One whose request failed is closed, not kept."""
         state = self._origin(origin)
         await asyncio.wait_for(state.slots.acquire(), timeout)
         state.busy += 1
-        connection = state.idle.pop() if state.idle else _Connection(self._new_client())
+        connection = state.idle.pop() if state.idle and not fresh else _Connection(self._new_client())
         reusable = False
         try:
             yield connection.client
@@ -187,6 +188,10 @@ class _Unreadable(Exception):
 
 class _OverLimit(Exception):
     pass
+
+
+class _Stale(Exception):
+    """A kept-alive connection failed before any answer (the server had closed it)."""
 
 
 class FhirClient:
@@ -286,12 +291,30 @@ class FhirClient:
 
     async def _get(self, url: str, remaining: float) -> bytes:
         """One page's body, read as a stream and abandoned once it passes ``MAX_PAGE_BYTES`` or what is
-        left of the call's byte limit."""
-        started = time.monotonic()
+        left of the call's byte limit. A kept-alive connection that the server closed meanwhile (it fails
+        before any answer) is tried once more on a new connection: a search is a GET, safe to repeat."""
+        deadline = time.monotonic() + remaining
         try:
-            async with self._pool.connection(self.origin, remaining) as client, \
-                    client.stream("GET", url, headers=self._headers,
-                                  timeout=max(0.001, remaining - (time.monotonic() - started))) as response:
+            try:
+                return await self._read_page(url, deadline, fresh=False)
+            except _Stale:
+                return await self._read_page(url, deadline, fresh=True)
+        except (httpx.TimeoutException, TimeoutError):
+            raise _Unreadable(f"timed out after {self.budget:g} s") from None
+        except httpx.HTTPError as error:
+            raise _Unreadable(f"unreachable ({type(error).__name__})") from None
+
+    async def _read_page(self, url: str, deadline: float, fresh: bool) -> bytes:
+        async with self._pool.connection(self.origin, deadline - time.monotonic(), fresh=fresh) as client:
+            request = client.build_request("GET", url, headers=self._headers,
+                                           timeout=max(0.001, deadline - time.monotonic()))
+            try:
+                response = await client.send(request, stream=True)
+            except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError):
+                if fresh:
+                    raise
+                raise _Stale from None
+            try:
                 if response.status_code != 200:
                     raise _Unreadable(f"HTTP {response.status_code}")
                 declared = response.headers.get("content-length", "")
@@ -310,7 +333,5 @@ class FhirClient:
                         raise _OverLimit
                     chunks.append(chunk)
                 return b"".join(chunks)
-        except (httpx.TimeoutException, TimeoutError):
-            raise _Unreadable(f"timed out after {self.budget:g} s") from None
-        except httpx.HTTPError as error:
-            raise _Unreadable(f"unreachable ({type(error).__name__})") from None
+            finally:
+                await response.aclose()
