@@ -110,12 +110,19 @@ def uvicorn(app: str, port: int) -> list[str]:
     return ["-m", "uvicorn", app, "--port", str(port), "--log-level", "warning", "--no-access-log"]
 
 
+#: where the service's code is taken from, and its interpreter (``--service-root``, ``--service-python``: another
+#: checkout and its environment, to compare)
+SERVICE_ROOT = [ROOT]
+SERVICE_PYTHON = [sys.executable]
+
+
 def start_service(ports: Ports, workdir: Path, env: dict[str, str], name: str = "cds-service") -> Server:
     config = workdir / f"{name}.toml"
     config.write_text(f'[storage]\nurl = "sqlite:///{workdir}/{name}.sqlite3"\n')
     port = ports.take()
-    return Server(name, [sys.executable, "-m", "cds_service", "serve", "--port", str(port), "--config", str(config),
-                         "--log-level", "warning"], port, env)
+    root = SERVICE_ROOT[0]
+    return Server(name, [SERVICE_PYTHON[0], "-m", "cds_service", "serve", "--port", str(port), "--config", str(config),
+                         "--log-level", "warning"], port, {**env, "PYTHONPATH": str(root)}, cwd=root)
 
 
 def load(server: Server, body: bytes, requests: int, connections: int) -> dict[str, float]:
@@ -245,8 +252,15 @@ def main() -> int:
     parser.add_argument("--sizes", default="ehr,ehr-mdd,small,typical,large")
     parser.add_argument("--peer-python", default=str(DEFAULT_PEER), help="python of the HealthChain environment")
     parser.add_argument("--skip", default="", help="comma-separated phases to skip: load, memory, latency, stages")
+    parser.add_argument("--service-root", help="run the service from this checkout instead (e.g. the code before a "
+                                               "change); the stages phase always measures this one")
+    parser.add_argument("--service-python", help="the interpreter (environment) of --service-root")
     parser.add_argument("--output", default=str(ROOT / "bench/results/latest.json"))
     args = parser.parse_args()
+    if args.service_root:
+        SERVICE_ROOT[0] = Path(args.service_root).resolve()
+    if args.service_python:
+        SERVICE_PYTHON[0] = args.service_python
     args.skip = set(filter(None, args.skip.split(",")))
 
     names = [n for n in args.sizes.split(",") if n]
@@ -257,7 +271,9 @@ def main() -> int:
     ports = Ports(args.ports)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
                             text=True).stdout.strip()
-    results: dict[str, Any] = {"commit": commit,
+    service_commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=SERVICE_ROOT[0], capture_output=True,
+                                    text=True).stdout.strip() or str(SERVICE_ROOT[0])
+    results: dict[str, Any] = {"commit": commit, "service": service_commit,
                                "machine": {"cpus": os.cpu_count(), "platform": platform.platform(),
                                            "python": platform.python_version(), "processor": platform.processor()},
                                "settings": {k: sorted(v) if isinstance(v, set) else v for k, v in vars(args).items()},
