@@ -1,15 +1,17 @@
 """Benchmark: cds-service (one worker) against a bare Starlette app and a HealthChain peer.
 
-    python bench/run.py [--ports 18900-18949] [--requests 2000] [--connections 8] [--memory-requests 10000]
-                        [--sizes ehr,ehr-mdd,small,typical,large] [--peer-python bench/.peer/bin/python]
-                        [--latency-requests 300] [--skip ...]
+    python bench/run.py [--ports 18900-18949] [--requests 2000] [--connections 8] [--rounds 3]
+                        [--memory-requests 10000] [--sizes ehr,ehr-mdd,small,typical,large]
+                        [--peer-python bench/.peer/bin/python] [--latency-requests 300] [--skip ...]
+                        [--service-root DIR --service-python PYTHON]
 
 Starts the servers on loopback (ports from ``--ports``, else free ports the system picks) and reports:
 
 - ``load``: req/s, p50 and p99 per request size (bench/requests.py; ``ehr`` is the headline: the prefetch an
   EHR fills from a Synthea record following the service's discovery templates) for the service, the bare
   app (bench/bare_app.py) and the HealthChain peer (bench/healthchain_peer.py, when its environment exists),
-  and the service's ratio to each;
+  and the service's ratio to each: ``--rounds`` rounds, sizes and servers alternating, each figure the median
+  round's;
 - ``memory``: the service's resident memory after a soak and after ``--memory-requests`` more ``ehr`` requests;
 - ``latency``: one request at a time on one keep-alive connection, against a freshly started service each
   time: the first call and the p50 after it, with the ``ehr`` prefetch, and with no prefetch and a FHIR server
@@ -168,12 +170,25 @@ def phase_load(args: argparse.Namespace, bodies: dict[str, Body], ports: Ports, 
                                   peer_env, PEER_PATH, cwd=ROOT / "bench"))
         else:
             print(f"no HealthChain peer: {peer_python} not found (see bench/peer-requirements.txt)", flush=True)
+        # rounds: sizes and servers alternate, and each figure is the median round's, so that a burst of other
+        # work on the machine (2 cores, shared) does not decide a ratio
+        runs: dict[tuple[str, str], list[dict[str, float]]] = {}
+        for round_no in range(1, args.rounds + 1):
+            for name, body in bodies.items():
+                for server in servers:
+                    got = load(server, body.data, args.requests, args.connections)
+                    if got["errors"]:
+                        raise RuntimeError(f"{server.name}: {got['errors']} requests failed ({name})")
+                    runs.setdefault((name, server.name), []).append(got)
+                print(f"round {round_no} {name:8} " + " | ".join(
+                    f"{server.name} {runs[(name, server.name)][-1]['rps']:7.1f} req/s" for server in servers),
+                    flush=True)
         for name, body in bodies.items():
             row: dict[str, Any] = {"resources": body.resources, "body_bytes": len(body.data)}
             for server in servers:
-                row[server.name] = load(server, body.data, args.requests, args.connections)
-                if row[server.name]["errors"]:
-                    raise RuntimeError(f"{server.name}: {row[server.name]['errors']} requests failed ({name})")
+                ordered = sorted(runs[(name, server.name)], key=lambda r: r["rps"])
+                row[server.name] = ordered[len(ordered) // 2]
+                row[f"{server.name}_rounds_rps"] = [r["rps"] for r in runs[(name, server.name)]]
             for other in servers[1:]:
                 row[f"ratio_{other.name}"] = round(row["cds-service"]["rps"] / row[other.name]["rps"], 3)
             results["sizes"][name] = row
@@ -245,6 +260,7 @@ def main() -> int:
     parser.add_argument("--ports", help="loopback port range for the servers, e.g. 18900-18949")
     parser.add_argument("--requests", type=int, default=2000, help="measured requests per size and server")
     parser.add_argument("--connections", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=3, help="load rounds; each figure is the median round's")
     parser.add_argument("--memory-requests", type=int, default=10000)
     parser.add_argument("--latency-requests", type=int, default=300)
     parser.add_argument("--settle", type=float, default=0.0,
@@ -262,6 +278,7 @@ def main() -> int:
     if args.service_python:
         SERVICE_PYTHON[0] = args.service_python
     args.skip = set(filter(None, args.skip.split(",")))
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))  # stop the servers it started (finally blocks)
 
     names = [n for n in args.sizes.split(",") if n]
     bodies = build(sorted(set(names) | {"ehr"}))
