@@ -248,8 +248,8 @@ def phase_latency(args: argparse.Namespace, body: Body, ports: Ports, workdir: P
                     starts.append(first_and_p50(service, data, args.latency_requests))
                 finally:
                     service.stop()
-            row = {key: round(statistics.median(s[key] for s in starts), 2)
-                   for key in ("first_ms", "p50_ms", "p99_ms", "first_over_p50")}
+            row: dict[str, Any] = {key: round(statistics.median(s[key] for s in starts), 2)
+                                   for key in ("first_ms", "p50_ms", "p99_ms", "first_over_p50")}
             row["starts"] = args.starts
             row["first_ms_each"] = [s["first_ms"] for s in starts]
             if delay is not None:
