@@ -26,6 +26,8 @@ from typing import Any
 from ..engine.context import DECISION_CHECKS
 from ..engine.orders import order_facts
 from ..engine.policy import Policy
+from ..jsonutil import dumps
+from .request import redact
 from .service import SERVICES, CoverageService
 
 log = logging.getLogger("cds_service.warmup")
@@ -152,6 +154,10 @@ async def _answer(service: CoverageService, service_id: str, body: dict[str, Any
     try:
         result = await service.handle(service_id, body, "http://127.0.0.1")
         done.decisions += sum(1 for d in result.decisions if d.decided)
+        # what the web layer does with an answer: serialise it, and the audit record's parts (nothing is stored)
+        dumps(result.response)
+        dumps([d.explain() for d in result.decisions])
+        dumps(redact(body))
     except Exception as error:  # a warm-up request the service refuses still warmed what it touched
         log.debug("warm-up %s: %s", service_id, type(error).__name__)
 
@@ -182,9 +188,15 @@ async def _fhir_server(reader: asyncio.StreamReader, writer: asyncio.StreamWrite
         _HANDLERS.discard(task)  # type: ignore[arg-type]
 
 
+#: how often each warm-up request is answered: Python specialises a function's code after it has run several
+#: times (PEP 659), so that one pass leaves the first real calls slower than the rest
+ROUNDS = 8
+
+
 async def _warm(service: CoverageService, orders: list[dict[str, Any]], done: WarmUp) -> None:
-    for service_id, hook in SERVICES.items():
-        await _answer(service, service_id, warm_request(service, hook, orders), done)
+    for _ in range(ROUNDS):
+        for service_id, hook in SERVICES.items():
+            await _answer(service, service_id, warm_request(service, hook, orders), done)
     server = await asyncio.start_server(lambda r, w: _fhir_server(r, w, done), "127.0.0.1", 0)
     try:
         port = server.sockets[0].getsockname()[1]

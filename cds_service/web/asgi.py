@@ -5,13 +5,33 @@ from __future__ import annotations
 import contextlib
 import gc
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
 
 from starlette.applications import Starlette
 
 from ..config import load_config
 from ..hooks.warmup import warm
 from .app import create_app
+
+
+async def _warm_routes(app: Starlette) -> None:
+    """Send through the app itself the requests that store nothing (a health check, a hook call to a service
+    that does not exist), so that routing, middleware and responses are warm too."""
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.request", "body": b"{}", "more_body": False}
+
+    async def send(message: Mapping[str, Any]) -> None:
+        pass
+
+    for method, path in (("GET", "/health"), ("POST", "/cds-services/warm-up-no-such-service")):
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
+                 "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+                 "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
+                 "client": ("127.0.0.1", 0), "server": ("127.0.0.1", 0), "state": {}}
+        with contextlib.suppress(Exception):  # a warm-up never stops the service
+            await app(scope, receive, send)
 
 
 def app_from_environment() -> Starlette:
@@ -31,6 +51,7 @@ def app_from_environment() -> Starlette:
         # against a p50 of a few ms. Run in the loop that will serve, before it serves. See
         # cds_service/hooks/warmup.py and bench/README.md.
         await warm(service)
+        await _warm_routes(app)
         # Everything built so far (modules, fhir.resources model classes, compiled policies and templates)
         # lives as long as the process. Parsing a request allocates tens of thousands of containers, which
         # triggers the cyclic garbage collector; its full collections would traverse that whole startup
