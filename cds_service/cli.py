@@ -119,6 +119,55 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return status
 
 
+def default_scenarios_dir() -> Path | None:
+    """``fixtures/scenarios`` of the working directory, else of the checkout the package runs from."""
+    for candidate in (Path.cwd() / "fixtures" / "scenarios", Path(__file__).resolve().parent.parent / "fixtures"
+                      / "scenarios"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    """Load the policy files strictly and run every scenario file against them: one line per scenario and a
+    summary; 1 when the policies do not load or a scenario fails."""
+    from .hooks.scenarios import check_files
+
+    config = _config(args)
+    directory = Path(args.policies) if args.policies else data_dir("policies", config.service.policies_dir)
+    try:
+        policies = load_policies(directory)
+    except (PolicyError, OSError) as error:
+        print(f"FAIL  policies in {directory} do not load: {error}")
+        return 1
+    print(f"ok    policies in {directory}: " + ", ".join(p.version for p in policies.policies))
+    scenarios = Path(args.scenarios) if args.scenarios else default_scenarios_dir()
+    if scenarios is None:
+        print("no scenarios checked: no fixtures/scenarios here (give --scenarios DIR)")
+        return 0
+    paths = sorted(scenarios.glob("*.json")) if scenarios.is_dir() else []
+    if not paths:
+        print(f"FAIL  no scenario files (*.json) in {scenarios}" if scenarios.is_dir() else
+              f"FAIL  {scenarios} is not a directory")
+        return 1
+    cards = data_dir("cards", config.service.cards_dir)
+    services: dict[dt.date, CoverageService] = {}
+
+    def service_for(day: dt.date) -> CoverageService:
+        if day not in services:
+            services[day] = CoverageService(policies, cards, Settings(payer_name=config.service.payer_name,
+                                                                      contact_fhir_servers=False),
+                                            today=lambda: day)
+        return services[day]
+
+    failed = 0
+    for name, problems in check_files(service_for, paths):
+        failed += bool(problems)
+        print(f"FAIL  {name}: " + "; ".join(problems) if problems else f"ok    {name}")
+    print(f"{len(paths)} scenarios in {scenarios}: {len(paths) - failed} passed, {failed} failed")
+    return 1 if failed else 0
+
+
 @contextlib.contextmanager
 def _store(args: argparse.Namespace) -> Iterator[Store]:
     """The configured store, without an audit writer (these commands only read and prune)."""
@@ -247,6 +296,14 @@ def parser() -> argparse.ArgumentParser:
                                                            "from another host)"))
     replay.add_argument("--spool", help="spool directory (default: from the configuration)")
     replay.set_defaults(func=cmd_audit_replay)
+
+    policy = sub.add_parser("policy", help="the policy files").add_subparsers(dest="action", required=True)
+    check = with_config(policy.add_parser("check", help="load the policy files strictly and run every scenario "
+                                                        "file against them"))
+    check.add_argument("--policies", metavar="DIR", help="policy directory (default: the configured or packaged one)")
+    check.add_argument("--scenarios", metavar="DIR", help="scenario files (default: fixtures/scenarios of this "
+                                                          "directory or of the checkout)")
+    check.set_defaults(func=cmd_policy_check)
 
     feedback = sub.add_parser("feedback", help="card feedback").add_subparsers(dest="action", required=True)
     fexport = with_config(feedback.add_parser("export", help="print feedback (with its decision) as JSON lines"))

@@ -245,5 +245,6 @@ def decide(policy_set: PolicySet, policy: Policy, match: TriggerMatch, order: Or
         trace=[t for r in results for t in r.trace],
         skipped_resources=[f"{s.reference}: {s.reason}" for s in record.skipped],
         text_read=list(scope.text_read),
+        policy_version=policy.version,
     )
 
