@@ -69,7 +69,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     policies_dir = data_dir("policies", config.service.policies_dir)
     cards_dir = data_dir("cards", config.service.cards_dir)
-    run = RunDirectory(listener_dir(run_dir_of(config.server.run_dir, config.storage.url), args.host, args.port))
+    run = RunDirectory(listener_dir(run_dir_of(config.server, config.storage), args.host, args.port))
     try:
         # the first policy generation: the files loaded strictly (a bad policy file stops the start here)
         run.start(os.getpid(), policies_dir, cards_dir)
@@ -134,7 +134,7 @@ def cmd_policy_reload(args: argparse.Namespace) -> int:
     from .hooks.generations import run_dir_of, running_services
 
     config = _config(args)
-    base = run_dir_of(config.server.run_dir, config.storage.url)
+    base = run_dir_of(config.server, config.storage)
     services = [r for r in running_services(base) if args.port is None or r.path.name.endswith(f"-{args.port}")]
     if len(services) != 1:
         found = ", ".join(r.path.name for r in services)

@@ -36,6 +36,7 @@ from typing import Any
 import orjson
 import sqlalchemy as sa
 
+from ..config import ServerSettings, StorageSettings
 from ..engine.policy import PolicyError, PolicySet, load_policies
 from .cards import CardRenderer
 
@@ -45,12 +46,15 @@ KEEP_SNAPSHOTS = 3
 _IGNORED = shutil.ignore_patterns(".*", "__pycache__", "*.pyc")
 
 
-def default_run_dir(database_url: str) -> Path:
-    """Beside the SQLite file (``<name>-run``), else ``cds-service-run`` in the working directory."""
+def default_run_dir(database_url: str, spool_dir: str | None = None) -> Path:
+    """Beside the SQLite file (``<name>-run``), else beside the configured audit spool, else
+    ``cds-service-run`` in the working directory."""
     url = sa.engine.make_url(database_url.replace("postgresql://", "postgresql+psycopg://", 1))
     if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
         database = Path(url.database).absolute()
         return database.with_name(database.stem + "-run")
+    if spool_dir:
+        return Path(spool_dir).absolute().parent / "cds-service-run"
     return Path.cwd() / "cds-service-run"
 
 
@@ -98,10 +102,10 @@ def check(policies_dir: Path, cards_dir: Path) -> PolicySet:
     return policies
 
 
-def run_dir_of(configured: str | None, database_url: str) -> Path:
+def run_dir_of(server: ServerSettings, storage: StorageSettings) -> Path:
     """Where the services of this configuration keep their state: one directory per listening address
     in it (:func:`listener_dir`)."""
-    return Path(configured) if configured else default_run_dir(database_url)
+    return Path(server.run_dir) if server.run_dir else default_run_dir(storage.url, storage.spool_dir)
 
 
 def listener_dir(base: Path, host: str, port: int) -> Path:
