@@ -7,7 +7,7 @@ orders are decided on, default :data:`SCENARIO_DATE`), and what is expected per 
 
     {"order": "ServiceRequest/pump", "policy": "MP-442", "outcome": "conditional", "rule": "...",
      "evidence": ["Procedure/trial"], "missing_contains": "...", "reason_contains": "...",
-     "missing_count": 2, "text_read": false}
+     "missing_count": 2, "text_read": false, "summary_contains": "...", "summary_excludes": "..."}
 
 (``order``, ``policy`` and ``outcome`` required, the rest optional). Running a scenario builds the hook
 request an EHR would send (every advertised prefetch key filled from the record) and decides it with a
@@ -51,7 +51,7 @@ PREFETCH_KEYS = {
     "Coverage": "coverage",
 }
 _EXPECT_KEYS = {"order", "policy", "outcome", "rule", "evidence", "missing_contains", "reason_contains",
-                "missing_count", "text_read", "summary_contains"}
+                "missing_count", "text_read", "summary_contains", "summary_excludes"}
 _KEYS = {"description", "hook", "orders", "record", "expect", "selections", "draft_extra", "date"}
 #: base URL the scenario requests are answered for (policy links in cards)
 BASE_URL = "https://cds.example.org"
@@ -245,9 +245,30 @@ def well_formed_decisions(run: ScenarioRun) -> list[str]:
     return problems
 
 
+def expected_summaries(run: ScenarioRun) -> list[str]:
+    """``summary_contains`` / ``summary_excludes``: the summary of the order's first card says / does not say
+    it."""
+    problems = []
+    for expected in run.scenario["expect"]:
+        wanted, unwanted = expected.get("summary_contains"), expected.get("summary_excludes")
+        if wanted is None and unwanted is None:
+            continue
+        summaries = [card.get("summary", "") for card in run.result.response.get("cards", [])
+                     if card.get("extension", {}).get("davinci-crd.associated-resource", [{}])[0].get("reference")
+                     == expected["order"]]
+        where = f"the card for {expected['order']}"
+        if not summaries:
+            problems.append(f"no card for {expected['order']}")
+        elif wanted is not None and wanted not in summaries[0]:
+            problems.append(f"{where}: the summary does not say {wanted!r} ({summaries[0]!r})")
+        elif unwanted is not None and unwanted in summaries[0]:
+            problems.append(f"{where}: the summary says {unwanted!r} ({summaries[0]!r})")
+    return problems
+
+
 Check = Callable[[ScenarioRun], list[str]]
 #: every check a scenario must pass (``cds-service policy check`` and tests/test_scenarios.py run them all)
-CHECKS: list[Check] = [expected_decisions, well_formed_decisions]
+CHECKS: list[Check] = [expected_decisions, well_formed_decisions, expected_summaries]
 
 
 def check_run(run: ScenarioRun, checks: Sequence[Check] | None = None) -> list[str]:

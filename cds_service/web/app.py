@@ -44,6 +44,7 @@ from ..jsonutil import JSONDecodeError, JSONTooDeep, dumps, loads
 from ..observability import logs, metrics
 from ..observability.labels import auth_refusal_label, override_reason_label, service_label
 from ..paths import data_dir
+from ..storage.replay import ReplayGuard
 from ..storage.store import AuditRecord, Store
 from ..urls import is_loopback
 from .errors import operation_outcome
@@ -407,8 +408,8 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
     store = Store(config.storage.url, writer=config.storage.audit_writer, spool_dir=config.storage.spool_dir,
                   spool_max_bytes=config.storage.spool_max_bytes,
                   database_timeout=config.storage.database_timeout_seconds, require_database=False)
-    authenticator = JwtAuthenticator(config.auth, store.claim_jti, jwks_transport) \
-        if config.auth.mode == "jwt" else None
+    replay = ReplayGuard(store.claim_jti)  # never waits long on the database (storage/replay.py)
+    authenticator = JwtAuthenticator(config.auth, replay, jwks_transport) if config.auth.mode == "jwt" else None
     cds = CdsApp(config, store, service, authenticator, metrics_token(config.metrics))
     if run_dir is not None and generation is not None:
         follower = PolicyFollower(run, generation, build, cds.swap)
@@ -435,6 +436,7 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
             task.cancel()
             if follower is not None:
                 follower.stopped()
+            replay.close()
             store.close()
 
     app = Starlette(
