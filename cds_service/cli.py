@@ -7,7 +7,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import logging
-import logging.config
 import os
 import signal
 import sys
@@ -24,7 +23,8 @@ from .fhir.gather import DataUnavailable
 from .hooks.request import RequestError, operation_outcome_body
 from .hooks.service import SERVICES, CoverageService, Settings
 from .jsonutil import JSONDecodeError, dumps, loads
-from .observability.logs import ENV_LOG_FORMAT, logging_config
+from .observability.logs import ENV_LOG_FORMAT
+from .observability.logs import configure as configure_logging
 from .observability.logs import resolve as resolve_log_format
 from .observability.metrics_dir import prepare_metrics_dir
 from .paths import data_dir
@@ -47,8 +47,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     config = _config(args)
     fmt = resolve_log_format(args.log_format or config.logging.format)
     os.environ[ENV_LOG_FORMAT] = fmt
-    log_config = logging_config(fmt, args.log_level)
-    logging.config.dictConfig(log_config)
+    log_config = configure_logging(fmt, args.log_level)
     if config.auth.mode == "off" and not is_loopback(args.host):
         print(f"refusing to start: authentication is off, so the service may only listen on a loopback "
               f"address, not {args.host}. Configure [auth] mode = \"jwt\" with [[auth.issuers]], "
@@ -182,6 +181,7 @@ def explain_text(decisions: Sequence[Decision]) -> str:
     lines = []
     for d in decisions:
         lines.append(f"{d.order_reference}: {d.policy_id} -> {d.outcome.value} (rule {d.rule_id})")
+        lines.append(f"  policy version: {d.policy_version}")
         lines.append(f"  clause: {d.clause}")
         lines.append(f"  reason: {d.reason}")
         if d.indication:

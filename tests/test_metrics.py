@@ -17,7 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 import cds_service.auth
-from cds_service.config import Config, ConfigError, IssuerSettings, MetricsSettings, StorageSettings
+from cds_service.config import Config, ConfigError, IssuerSettings, MetricsSettings, StorageSettings, parse_config
 from cds_service.observability.labels import AUTH_REFUSAL_LABELS, OTHER, auth_refusal_label
 from cds_service.storage.records import AuditRecord
 from cds_service.storage.spool import SPOOL_FULL
@@ -248,3 +248,16 @@ def test_token_file_is_checked_at_start(sqlite_url: str, tmp_path: Path) -> None
         _app(sqlite_url, access="token", token_file=str(tmp_path / "short"))
     with pytest.raises(ConfigError, match="cannot be read"):
         _app(sqlite_url, access="token", token_file=str(tmp_path / "absent"))
+
+
+@pytest.mark.parametrize(("data", "message"), [
+    ({"metrics": {"access": "public"}}, 'metrics.access must be "local", "token" or "open"'),
+    ({"metrics": {"access": "token"}}, "needs metrics.token_file"),
+    ({"metrics": {"enabled": "yes"}}, "metrics.enabled has the wrong type"),
+    ({"logging": {"format": "xml"}}, 'logging.format must be "auto", "json" or "text"'),
+    ({"logging": {"level": "info"}}, "unknown key logging.level"),
+])
+def test_metrics_and_logging_config_mistakes_name_the_key(data: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError) as error:
+        parse_config(data, "test.toml")
+    assert message in str(error.value)

@@ -82,11 +82,19 @@ def logging_config(fmt: str, level: str = "info") -> dict[str, Any]:
     }
 
 
+def configure(fmt: str, level: str = "info") -> dict[str, Any]:
+    """Log in ``fmt`` from now on (Python's warnings too); the configuration, for uvicorn's workers."""
+    config = logging_config(fmt, level)
+    logging.config.dictConfig(config)
+    logging.captureWarnings(True)
+    return config
+
+
 def configure_from_environment() -> None:
     """In a process started by the service (the audit writer): log as the serving process does."""
     fmt = os.environ.get(ENV_LOG_FORMAT)
     if fmt in ("json", "text"):
-        logging.config.dictConfig(logging_config(fmt))
+        configure(fmt)
 
 
 def _printable(value: str | None) -> str:
