@@ -89,7 +89,8 @@ def test_same_request_same_decisions(client: TestClient) -> None:
 def test_no_order_in_scope_gives_empty_cards(client: TestClient) -> None:
     walker = {"resourceType": "DeviceRequest", "id": "w", "status": "draft", "intent": "order",
               "codeCodeableConcept": {"coding": [{"system": "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets",
-                                                  "code": "E0130"}]}, "subject": {"reference": "Patient/p1"}}
+                                                  "code": "E0130"}]}, "subject": {"reference": "Patient/p1"},
+              "authoredOn": "2026-06-01", "requester": {"reference": "Practitioner/dr1"}}
     response = client.post(SIGN, json=hook_request([walker], prefetch={}))
     assert response.status_code == 200
     # CRD hook-16: on order-sign every order carries coverage information, here "not assessed by this service"

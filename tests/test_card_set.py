@@ -22,7 +22,8 @@ NO_TRIAL = load(FIXTURES / "scenarios/mp442-chronic-pain-no-trial.json")
 KETAMINE = load(FIXTURES / "scenarios/mp446-ketamine-iv-chronic-pain.json")
 WALKER = {"resourceType": "DeviceRequest", "id": "w", "status": "draft", "intent": "order",
           "codeCodeableConcept": {"coding": [{"system": "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets",
-                                              "code": "E0130"}]}, "subject": {"reference": "Patient/p1"}}
+                                              "code": "E0130"}]}, "subject": {"reference": "Patient/p1"},
+              "authoredOn": "2026-06-01", "requester": {"reference": "Practitioner/dr1"}}
 
 
 def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
@@ -149,3 +150,16 @@ def test_facts_read_from_free_text_are_said_on_the_card(service: CoverageService
     decision = next(d for d in result.decisions if d.text_read)
     card = for_order(result.response["cards"], decision.order_reference)[0]
     assert "Read from free text, not codes" in card["detail"]
+
+
+def test_an_order_that_is_not_a_crd_order_gets_no_not_assessed_information(service: CoverageService) -> None:
+    """An ungoverned order without an element its CRD profile requires (a MedicationRequest without
+    authoredOn) could only be returned non-conformant (resp-37: nothing but the extension may change): it
+    gets no coverage information; with the element it does."""
+    drug = {"resourceType": "MedicationRequest", "id": "m", "status": "draft", "intent": "order",
+            "medicationCodeableConcept": {"text": "amoxicillin 500 mg"}, "subject": {"reference": "Patient/p1"},
+            "requester": {"reference": "Practitioner/dr1"}}
+    assert run(service, hook_request([drug], prefetch={})).response["systemActions"] == []
+    drug["authoredOn"] = "2026-06-01"
+    [action] = run(service, hook_request([drug], prefetch={})).response["systemActions"]
+    assert action["resource"] == {**drug, "extension": action["resource"]["extension"]}

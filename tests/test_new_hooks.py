@@ -131,6 +131,7 @@ def test_appointment_for_the_service_itself_updates_the_appointment(service: Cov
 @pytest.mark.parametrize("hook", ["order-dispatch", "appointment-book"])
 def test_nothing_in_scope_still_has_system_actions(service: CoverageService, hook: str) -> None:
     other = {"resourceType": "ServiceRequest", "id": "x", "status": "active", "intent": "order",
+             "authoredOn": "2026-06-01", "requester": {"reference": "Practitioner/dr1"},
              "subject": {"reference": "Patient/p1"}, "code": {"coding": [{"system": "http://loinc.org",
                                                                          "code": "24323-8"}]}}
     body = dispatch([other], ["ServiceRequest/x"]) if hook == "order-dispatch" else book(

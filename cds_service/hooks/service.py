@@ -33,6 +33,7 @@ from .coverage_info import (
     not_assessed_information,
     with_policy_versions,
 )
+from .crd_orders import missing_required
 from .hook_orders import (
     Decidable,
     appointment_decidables,
@@ -444,8 +445,9 @@ class CoverageService:
             reference = order.reference
             target = scope.targets.get(reference)
             shown = reference_of(target) if target is not None else reference
-            if shown in annotated or not order.id or not valid_r4(target if target is not None else order.raw):
-                continue  # a resource that is not valid FHIR cannot be returned changed only by the extension
+            resource = target if target is not None else order.raw
+            if shown in annotated or not order.id or not valid_r4(resource) or missing_required(resource):
+                continue  # not valid FHIR, or not a CRD order: it cannot be returned changed only by the extension
             reason = (f"Not assessed by this service: {why[reference].reason}" if reference in why else
                       f"Not assessed by this service, which decides coverage under medical policies {ids} only; "
                       "none of them applies to this order.")
