@@ -14,6 +14,7 @@ from typing import Any
 
 import httpx
 
+from ..dtr.documentation import DocumentationForms
 from ..engine.decision import Decision
 from ..engine.evaluate import decide
 from ..engine.orders import ORDER_TYPES, Medications, OrderFacts, medications_from, order_facts
@@ -23,6 +24,7 @@ from ..fhir.bundles import is_operation_outcome
 from ..fhir.client import FhirClient, ReadLimits
 from ..fhir.gather import ClientFactory, DataNeed, gather_record
 from ..fhir.record import PatientRecord
+from ..storage.dtr_contexts import context_row
 from ..urls import Allowlist, fhir_server_problem
 from .cards import CardRenderer
 from .coverage_info import (
@@ -100,6 +102,8 @@ class HookResult:
     request: HookRequest
     decisions: list[Decision] = field(default_factory=list)
     card_decisions: dict[str, str] = field(default_factory=dict)  # card uuid -> coverage-assertion-id
+    #: what a DTR $questionnaire-package request will need, per conditional decision with a form
+    dtr_contexts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def crd_version(self) -> str:
@@ -145,6 +149,7 @@ class CoverageService:
         self.policies = policies
         self.settings = settings
         self.renderer = CardRenderer(cards_dir)
+        self.documentation = DocumentationForms.load(policies)
         self.all_needs = data_needs(policies.policies, policies.systems)
         self.coverage_needs = [n for n in self.all_needs if n.key == COVERAGE_NEED_KEY]
         self._needs: dict[tuple[str, ...], list[DataNeed]] = {}
@@ -392,6 +397,7 @@ class CoverageService:
             assertion_id = new_assertion_id()
             order_coverage = {"reference": item.order.insurance[0]} if item.order.insurance else coverage
             policy_url = self.policy_url(item.policy, base_url)
+            link = self.documentation.link(decision, self.settings.public_base_url or base_url, advisory_only)
             extension = coverage_information(
                 decision,
                 version=version,
@@ -402,7 +408,12 @@ class CoverageService:
                 prior_authorization=item.policy.prior_authorization,
                 advisory_only=advisory_only,
                 policy_url=policy_url,
+                questionnaire=link.canonical if link is not None else None,
             )
+            if link is not None:
+                result.dtr_contexts.append(context_row(
+                    assertion_id, item.policy.id, link.form.id, request.patient_id, decision.order_reference,
+                    self.documentation.context(decision, link, record, order_coverage)))
             target = item.target if item.target is not None else item.order.raw
             reference = decision.order_reference
             annotated[reference] = annotated_order(annotated.get(reference, dict(target)), extension)
@@ -417,6 +428,7 @@ class CoverageService:
                     topic=version.card_topic,
                     coverage_known=order_coverage is not UNKNOWN_COVERAGE,
                     notes=shown_notes,
+                    documentation_form=link.line if link is not None else None,
                 ):
                     cards.append(card)
                     result.card_decisions[card["uuid"]] = assertion_id

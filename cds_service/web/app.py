@@ -207,6 +207,7 @@ class CdsApp:
             request=request_json,
             cards=cards,
             crd_version=result.crd_version if result is not None else None,
+            dtr_contexts=result.dtr_contexts if result is not None else [],
         )
         await self.store.hand_off(record)
 
