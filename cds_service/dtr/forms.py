@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from .search import query_problems
 
 #: item codes where no LOINC code exists: this project's own code system (the linkId is the code)
 ITEM_SYSTEM = "http://cds-service.example.org/fhir/CodeSystem/documentation-items"
-#: the hidden item the server pre-fills with the sections a decision needs (codes: section ids)
+#: the read-only item the server pre-fills with the sections a decision needs (codes: section ids)
 SECTIONS_ITEM = "sections"
 SECTION_SYSTEM = "http://cds-service.example.org/fhir/CodeSystem/documentation-sections"
 SDC = "http://hl7.org/fhir/uv/sdc/StructureDefinition/"
@@ -112,6 +112,11 @@ class Section:
     asks: tuple[Ask, ...]
     items: tuple[Item, ...]
     extract: Mapping[str, Any]
+
+    @property
+    def link_id(self) -> str:
+        """The linkId of the section's group item."""
+        return f"{self.id}-section"
 
 
 @dataclass
@@ -360,6 +365,7 @@ def _check_form(policy_set: PolicySet, policy: Policy, form: Form) -> list[str]:
                                 f"{', '.join(answer_list.sources)}")
     for name, query in form.variables.items():
         problems += [f"{where}: variable {name}: {p}" for p in query_problems(query)]
+    groups = {s.link_id for s in form.sections}
     for section in form.sections:
         for ask in section.asks:
             if ask.kind not in GAP_KINDS or ask.kind == "technical":
@@ -371,7 +377,7 @@ def _check_form(policy_set: PolicySet, policy: Policy, form: Form) -> list[str]:
             if ask.rule is not None and ask.rule not in rules:
                 problems.append(f"{where}: section {section.id} asks for {ask}: {policy.id} has no rule {ask.rule!r}")
         for item in section.items:
-            if item.link_id in seen:
+            if item.link_id in seen or item.link_id in groups:
                 problems.append(f"{where}: linkId {item.link_id!r} is used twice")
             seen.add(item.link_id)
             if item.answers is not None and item.answers not in form.answer_lists:
@@ -418,11 +424,6 @@ def expression(form: Form, text: str, systems: Mapping[str, str] | None = None) 
         return "(" + " | ".join("'" + a.code.replace("'", "\\'") + "'" for a in answers) + ")"
 
     return _ANSWERS_TOKEN.sub(codes, text)
-
-
-def unknown_link_ids(form: Form, link_ids: Sequence[str]) -> list[str]:
-    known = {i.link_id for i in form.items()} | {SECTIONS_ITEM}
-    return [link for link in link_ids if link not in known]
 
 
 __all__ = ["Answer", "AnswerList", "Ask", "Form", "FormError", "FormSet", "GapKey", "Item", "Section",

@@ -73,22 +73,26 @@ def _item(form: Form, item: Item, base_url: str, systems: CodeSystems) -> dict[s
     return out
 
 
-def _section(form: Form, section: Section, base_url: str, systems: CodeSystems) -> dict[str, Any]:
-    """A group shown when the server's draft names the section in the hidden ``sections`` item, or when no
-    draft says which sections apply (then every section is shown)."""
+def _enable_when(section: Section) -> dict[str, Any]:
+    """Shown when the server's draft names the section in the hidden ``sections`` item, or when no draft says
+    which sections apply (then every section is shown)."""
     return {
-        "linkId": section.id,
-        "code": [{"system": SECTION_SYSTEM, "code": section.id, "display": section.text}],
-        "text": section.text,
-        "type": "group",
         "enableWhen": [
             {"question": SECTIONS_ITEM, "operator": "=",
              "answerCoding": {"system": SECTION_SYSTEM, "code": section.id}},
             {"question": SECTIONS_ITEM, "operator": "exists", "answerBoolean": False},
         ],
         "enableBehavior": "any",
-        "item": [_item(form, item, base_url, systems) for item in section.items],
     }
+
+
+def _section(form: Form, section: Section, base_url: str, systems: CodeSystems) -> list[dict[str, Any]]:
+    """A section as a heading (a display item) and its questions, each shown on the section's condition (a
+    flat list: a required question of a section not shown is not required, whatever a client makes of
+    groups)."""
+    heading = {"linkId": section.link_id, "code": [section_coding(section)], "text": section.text,
+               "type": "display", **_enable_when(section)}
+    return [heading, *({**_item(form, item, base_url, systems), **_enable_when(section)} for item in section.items)]
 
 
 def section_coding(section: Section) -> dict[str, str]:
@@ -110,12 +114,12 @@ def questionnaire(form: Form, base_url: str, systems: CodeSystems, publisher: st
     extensions.append({"url": DTR + "questionnaireAudience", "valueCode": "clinical"})
     sections_item = {
         "linkId": SECTIONS_ITEM,
-        "text": "Sections this coverage question needs (set by the payer)",
+        "code": [{"system": ITEM_SYSTEM, "code": SECTIONS_ITEM, "display": "Documentation needed"}],
+        "text": "What this coverage decision needs documented (set by the payer)",
         "type": "choice",
         "repeats": True,
         "readOnly": True,
         "answerOption": [{"valueCoding": section_coding(s)} for s in form.sections],
-        "extension": [{"url": CORE + "questionnaire-hidden", "valueBoolean": True}],
     }
     return {
         "resourceType": "Questionnaire",
@@ -131,7 +135,7 @@ def questionnaire(form: Form, base_url: str, systems: CodeSystems, publisher: st
         "date": form.date,
         "publisher": publisher,
         "description": form.description,
-        "item": [sections_item, *(_section(form, s, base_url, systems) for s in form.sections)],
+        "item": [sections_item, *(item for s in form.sections for item in _section(form, s, base_url, systems))],
     }
 
 

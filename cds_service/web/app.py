@@ -25,6 +25,7 @@ from starlette.routing import Route
 
 from ..auth.jwt import AuthError, JwtAuthenticator, Principal
 from ..config import Config
+from ..dtr.package import Packager
 from ..engine.policy import load_policies
 from ..fhir.client import ReadLimits
 from ..fhir.gather import DataUnavailable
@@ -37,6 +38,7 @@ from ..jsonutil import JSONDecodeError, JSONTooDeep, dumps, loads
 from ..paths import data_dir
 from ..storage.store import AuditRecord, Store
 from ..urls import is_loopback
+from . import dtr
 from .errors import operation_outcome
 
 log = logging.getLogger("cds_service.web")
@@ -293,6 +295,7 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
     authenticator = JwtAuthenticator(config.auth, store.claim_jti, jwks_transport) \
         if config.auth.mode == "jwt" else None
     cds = CdsApp(config, store, service, authenticator)
+    documentation = dtr.DtrRoutes(cds, Packager(policies, service.documentation.forms, config.service.payer_name))
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -309,6 +312,7 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
             Route("/health", cds.health, methods=["GET"]),
             Route("/health/ready", cds.ready, methods=["GET"]),
             Route("/policies/{policy_id}", cds.policy_text, methods=["GET"]),
+            *dtr.routes(documentation),
         ],
         middleware=[
             Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],
