@@ -29,6 +29,8 @@ ITEM_SYSTEM = "http://cds-service.example.org/fhir/CodeSystem/documentation-item
 #: the read-only item the server pre-fills with the sections a decision needs (codes: section ids)
 SECTIONS_ITEM = "sections"
 SECTION_SYSTEM = "http://cds-service.example.org/fhir/CodeSystem/documentation-sections"
+#: a documentation conflict names the section whose answer it concerns in its gap's ``about``
+SECTION_ABOUT = "form-section:"
 SDC = "http://hl7.org/fhir/uv/sdc/StructureDefinition/"
 DTR = "http://hl7.org/fhir/us/davinci-dtr/StructureDefinition/"
 CORE = "http://hl7.org/fhir/StructureDefinition/"
@@ -157,6 +159,8 @@ class Form:
         return [g for g in gaps if g.kind != "technical" and not self._asking(g.kind, g.about, rule_id)]
 
     def _asking(self, kind: str, about: str | None, rule: str | None) -> list[Section]:
+        if about is not None and about.startswith(SECTION_ABOUT):
+            return [s for s in self.sections if s.id == about[len(SECTION_ABOUT):]]
         specific = [s for s in self.sections if any(a.specific and a.matches(kind, about, rule) for a in s.asks)]
         if specific:
             return specific
