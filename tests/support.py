@@ -22,6 +22,7 @@ PREFETCH_KEYS = {
     "MedicationAdministration": "medicationAdministrations",
     "AllergyIntolerance": "allergies",
     "Coverage": "coverage",
+    "QuestionnaireResponse": "questionnaireResponses",
 }
 SERVICE_FOR_HOOK = {
     "order-select": "coverage-requirements-order-select",

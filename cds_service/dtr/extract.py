@@ -433,6 +433,7 @@ def _still_active(stopped: Mapping[str, Any], record: PatientRecord, systems: Co
             codes = _known([systems.concept(chart.get("medicationCodeableConcept"))], systems)
             when = as_utc(chart.get(when_key))
             if set(codes) & set(drug) and end is not None and when is not None and when > end:
+                shown = f"{rtype}/{chart.get('id')}"
                 found.append(_conflict(section, f"the drug documented as stopped on {end.date()} ({cite}) is "
-                                                f"{chart.get('status')} on {rtype}/{chart.get('id')}, from {when.date()}"))
+                                                f"{chart.get('status')} on {shown}, from {when.date()}"))
     return found

@@ -289,8 +289,23 @@ class CoverageService:
                      order_conflicts)
 
     async def documented(self, request: HookRequest, access: FhirAccessPlan, base_url: str) -> Documentation:
-        """What the patient's completed documentation forms add (DTR: the loop closes)."""
-        responses, notes = await form_evidence.read_responses(request.prefetch, request.patient_id, access.factory)
+        """What the patient's completed documentation forms add (DTR: the loop closes). Read from the
+        prefetch, else from the FHIR server before the record (what they add to an order decides which
+        policy governs it), within a share of the call's read limits: a third of the time, an eighth of the
+        bytes and resources; never when the token's scope does not grant it."""
+        factory = None
+        fhir = request.fhir
+        scopes = parse_scopes(fhir.scope if fhir else None)
+        if access.factory is not None and fhir is not None and scopes.allows_search("QuestionnaireResponse"):
+            limits = self.settings.fhir_limits
+            share = ReadLimits(max(1, limits.max_total_bytes // 8), max(1, limits.max_resources // 8))
+
+            def factory() -> FhirClient:
+                assert fhir is not None
+                return FhirClient(fhir.server, fhir.access_token, self.settings.fhir_timeout_seconds / 3,
+                                  transport=self._transport, limits=share)
+
+        responses, notes = await form_evidence.read_responses(request.prefetch, request.patient_id, factory)
         found, more = sources(responses, self.documentation.forms, self.settings.public_base_url or base_url,
                               request.patient_id)
         documentation = extract(found, request.patient_id, self.policies.systems)
