@@ -12,7 +12,7 @@ from typing import Any
 from ..engine.decision import Decision, Outcome
 from ..engine.policy import PolicySet
 from ..fhir.record import PatientRecord
-from .forms import Form, FormSet, Section, load_forms
+from .forms import Form, FormSet, Section, load_forms, rules_of
 from .prefill import prefill
 from .questionnaire import canonical
 
@@ -53,7 +53,7 @@ class DocumentationForms:
         form = self.forms.for_policy(decision.policy_id)
         if form is None:
             return None
-        sections = form.sections_for(decision.gaps, decision.rule_id)
+        sections = form.sections_for(decision.gaps, rules_of(decision))
         if not sections:
             return None
         return FormLink(form, canonical(base_url, form), tuple(sections))

@@ -12,14 +12,14 @@ from __future__ import annotations
 
 import hashlib
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from ..engine.decision import GAP_KINDS, Gap
+from ..engine.decision import GAP_KINDS, Decision, Gap
 from ..engine.policy import Policy, PolicySet
 from .gaps import GapKey, UnknownCriterion, emitted_gaps
 from .search import query_problems
@@ -96,12 +96,13 @@ class Ask:
     def specific(self) -> bool:
         return self.about is not None or self.rule is not None
 
-    def matches(self, kind: str, about: str | None, rule: str | None) -> bool:
+    def matches(self, kind: str, about: str | None, rules: Collection[str]) -> bool:
+        """Whether a gap of ``kind`` about ``about``, reported under one of ``rules``, is asked for."""
         if kind != self.kind:
             return False
         if self.about is not None and self.about not in (about or "").split("+"):
             return False
-        return self.rule is None or self.rule == rule
+        return self.rule is None or self.rule in rules
 
     def __str__(self) -> str:
         return self.kind + (f":{self.about}" if self.about else "") + (f"@{self.rule}" if self.rule else "")
@@ -114,6 +115,8 @@ class Section:
     asks: tuple[Ask, ...]
     items: tuple[Item, ...]
     extract: Mapping[str, Any]
+    #: other sections this one is shown with (their answers need this one's)
+    shown_with: tuple[str, ...] = ()
 
     @property
     def link_id(self) -> str:
@@ -147,24 +150,32 @@ class Form:
     def section_of(self, link_id: str) -> Section | None:
         return next((s for s in self.sections if any(i.link_id == link_id for i in s.items)), None)
 
-    def sections_for(self, gaps: Iterable[Gap], rule_id: str | None) -> list[Section]:
-        """The sections that ask for the (non-technical) gaps of a decision, in form order."""
+    def sections_for(self, gaps: Iterable[Gap], rules: Collection[str]) -> list[Section]:
+        """The sections that ask for the (non-technical) gaps of a decision (``rules``: the rule that decided and
+        those applied on the way, see :func:`rules_of`), in form order."""
         wanted: set[str] = set()
         for gap in gaps:
-            wanted.update(s.id for s in self._asking(gap.kind, gap.about, rule_id))
+            wanted.update(s.id for s in self._asking(gap.kind, gap.about, rules))
+        wanted.update(s.id for s in self.sections if set(s.shown_with) & wanted)
         return [s for s in self.sections if s.id in wanted]
 
-    def unasked(self, gaps: Iterable[Gap], rule_id: str | None) -> list[Gap]:
+    def unasked(self, gaps: Iterable[Gap], rules: Collection[str]) -> list[Gap]:
         """Gaps no section asks for (technical gaps are never asked)."""
-        return [g for g in gaps if g.kind != "technical" and not self._asking(g.kind, g.about, rule_id)]
+        return [g for g in gaps if g.kind != "technical" and not self._asking(g.kind, g.about, rules)]
 
-    def _asking(self, kind: str, about: str | None, rule: str | None) -> list[Section]:
+    def _asking(self, kind: str, about: str | None, rules: Collection[str]) -> list[Section]:
         if about is not None and about.startswith(SECTION_ABOUT):
             return [s for s in self.sections if s.id == about[len(SECTION_ABOUT):]]
-        specific = [s for s in self.sections if any(a.specific and a.matches(kind, about, rule) for a in s.asks)]
+        specific = [s for s in self.sections if any(a.specific and a.matches(kind, about, rules) for a in s.asks)]
         if specific:
             return specific
-        return [s for s in self.sections if any(not a.specific and a.matches(kind, about, rule) for a in s.asks)]
+        return [s for s in self.sections if any(not a.specific and a.matches(kind, about, rules) for a in s.asks)]
+
+
+def rules_of(decision: Decision) -> set[str]:
+    """The rules a decision's gaps may come from: the one that decided (or the engine's outcome) and every rule
+    applied on the way (an uncoded or unconfirmed indication keeps the gaps of the rule it capped)."""
+    return {decision.rule_id, *(t.rule_id for t in decision.trace if t.applied)}
 
 
 @dataclass
@@ -269,7 +280,7 @@ def load_form(path: Path) -> Form:
     sections = []
     for i, item in enumerate(spec["sections"] or []):
         place = f"{where}: sections[{i}]"
-        entry = _keys(place, item, {"id", "text", "asks", "items", "extract"})
+        entry = _keys(place, item, {"id", "text", "asks", "items", "extract"}, {"shown_with"})
         items = entry["items"]
         if not isinstance(items, list) or not items:
             raise FormError(f"{place}.items: expected a non-empty list")
@@ -278,7 +289,8 @@ def load_form(path: Path) -> Form:
             raise FormError(f"{place}.extract: 'kind' must be one of {sorted(EXTRACT_KINDS)}")
         sections.append(Section(str(entry["id"]), _text(f"{place}.text", entry["text"]),
                                 _asks(f"{place}.asks", entry["asks"]),
-                                tuple(_item(f"{place}.items[{j}]", x) for j, x in enumerate(items)), dict(extract)))
+                                tuple(_item(f"{place}.items[{j}]", x) for j, x in enumerate(items)), dict(extract),
+                                tuple(str(x) for x in entry.get("shown_with") or [])))
     return Form(
         id=_text(f"{where}: form.id", head["id"]), policy_id=_text(f"{where}: form.policy", head["policy"]),
         name=_text(f"{where}: form.name", head["name"]), title=_text(f"{where}: form.title", head["title"]),
@@ -292,7 +304,7 @@ def form_version(policy: Policy, form: Form) -> str:
     """The form's version: the policy's review date and hash, and the form file's hash (a change to either is
     a new version). No '|' in it, so that ``url|version`` canonicals stay unambiguous."""
     _, review, digest = [*policy.version.split("|"), "", ""][:3]
-    return f"{review}-{digest}-{form.digest[:8]}"
+    return f"{review}.{digest}.{form.digest[:8]}"
 
 
 def load_forms(directory: Path, policies: PolicySet) -> FormSet:
@@ -338,7 +350,7 @@ def check_forms(policy_set: PolicySet, forms: FormSet) -> list[str]:
                                 f"{', '.join(sorted({str(k) for k in askable}))}")
             continue
         for key in askable:
-            if not form._asking(key.kind, key.about, key.rule):
+            if not form._asking(key.kind, key.about, {key.rule} if key.rule else set()):
                 problems.append(f"{form.id}: no section asks for '{key}' ({policy.id} can report it missing)")
         problems += _check_form(policy_set, policy, form)
     for form in forms:
@@ -371,6 +383,8 @@ def _check_form(policy_set: PolicySet, policy: Policy, form: Form) -> list[str]:
         problems += [f"{where}: variable {name}: {p}" for p in query_problems(query)]
     groups = {s.link_id for s in form.sections}
     for section in form.sections:
+        problems += [f"{where}: section {section.id} is shown with {other!r}, not a section of the form"
+                     for other in section.shown_with if other not in {s.id for s in form.sections}]
         for ask in section.asks:
             if ask.kind not in GAP_KINDS or ask.kind == "technical":
                 problems.append(f"{where}: section {section.id} asks for {ask}: not a kind of missing fact a form "
