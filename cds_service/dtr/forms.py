@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from ..engine.decision import GAP_KINDS, Decision, Gap
-from ..engine.policy import Policy, PolicySet
+from ..engine.policy import Policy, PolicyError, PolicySet, _keys, _text
 from .gaps import GapKey, UnknownCriterion, emitted_gaps
 from .search import query_problems
 
@@ -54,8 +54,8 @@ _LINK_ID = re.compile(r"^[a-z][a-z0-9\-]{0,63}$")
 _ASK = re.compile(r"^([a-z\-]+)(?::([A-Za-z0-9_+]+))?(?:@([A-Za-z0-9\-]+))?$")
 
 
-class FormError(ValueError):
-    """A form file is not valid."""
+class FormError(PolicyError):
+    """A form file is not valid (a policy file, as far as starting the service goes)."""
 
 
 @dataclass(frozen=True)
@@ -195,24 +195,6 @@ class FormSet:
 # --- loading ---------------------------------------------------------------------------------------------
 
 
-def _keys(where: str, data: Any, required: set[str], optional: Iterable[str] = ()) -> Mapping[str, Any]:
-    if not isinstance(data, Mapping):
-        raise FormError(f"{where}: expected a mapping")
-    unknown = set(data) - required - set(optional)
-    if unknown:
-        raise FormError(f"{where}: unknown key(s) {sorted(unknown)}")
-    missing = required - set(data)
-    if missing:
-        raise FormError(f"{where}: missing {sorted(missing)}")
-    return data
-
-
-def _text(where: str, value: Any) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise FormError(f"{where}: expected text")
-    return " ".join(value.split())
-
-
 def _coding(where: str, value: Any) -> Answer:
     if not (isinstance(value, list) and len(value) == 3 and all(isinstance(v, str) and v for v in value)):
         raise FormError(f"{where}: expected [system, code, display]")
@@ -307,9 +289,10 @@ def form_version(policy: Policy, form: Form) -> str:
     return f"{review}.{digest}.{form.digest[:8]}"
 
 
-def load_forms(directory: Path, policies: PolicySet) -> FormSet:
-    """Every form in ``directory`` (``*.yaml``), versioned with its policy; raises :class:`FormError` when a
-    form file is malformed or :func:`check_forms` finds a problem."""
+def load_forms(directory: Path, policies: PolicySet, *, check: bool = True) -> FormSet:
+    """Every form in ``directory`` (``*.yaml``; the service's is ``policies/forms``), versioned with its policy;
+    raises :class:`FormError` when a form file is malformed or (``check``) :func:`check_forms` finds a
+    problem. A checker that reports the problems itself loads with ``check=False``."""
     forms = FormSet()
     if not directory.is_dir():
         raise FormError(f"{directory}: no forms directory")
@@ -321,7 +304,7 @@ def load_forms(directory: Path, policies: PolicySet) -> FormSet:
         if policy is not None:
             form.version = form_version(policy, form)
         forms.forms[form.policy_id] = form
-    problems = check_forms(policies, forms)
+    problems = check_forms(policies, forms) if check else []
     if problems:
         raise FormError("documentation forms: " + "; ".join(problems))
     return forms
