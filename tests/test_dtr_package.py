@@ -125,10 +125,11 @@ def test_orders_alone_get_their_policy_form_without_payer_answers(app: TestClien
     assert "item" not in bundle["entry"][1]["resource"]  # no context: every section shown, nothing pre-filled
 
 
-def test_the_context_survives_a_restart(sqlite_url: str) -> None:
-    with TestClient(create_app(make_config(sqlite_url))) as first:
+def test_the_context_survives_a_restart(storage_url: str) -> None:
+    """Also a second replica on the same database finds it (PostgreSQL too, when configured)."""
+    with TestClient(create_app(make_config(storage_url))) as first:
         body, info = conditional(first)
-    with TestClient(create_app(make_config(sqlite_url))) as second:
+    with TestClient(create_app(make_config(storage_url))) as second:
         assert second.post(PACKAGE, json=package_request(body, info)).status_code == 200
 
 
