@@ -240,10 +240,9 @@ def test_a_trickled_body_is_refused_with_408(limited_server: ServerProcess) -> N
     with connect(limited_server) as sock:
         sock.sendall(f"POST {SIGN} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      "Content-Length: 100\r\n\r\n{\"hook\":".encode())
-        started = time.monotonic()
-        answer = sock.recv(65536)
+        answer, waited = read_until_closed(sock)  # the status line and the body may come in two segments
     assert answer.startswith(b"HTTP/1.1 408") and b"OperationOutcome" in answer
-    assert time.monotonic() - started < 3
+    assert waited < 3
 
 
 def test_an_oversized_request_head_is_refused_with_431(limited_server: ServerProcess) -> None:

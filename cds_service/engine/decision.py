@@ -134,6 +134,8 @@ class Decision:
     skipped_resources: list[str] = field(default_factory=list)
     #: facts read from free text rather than codes (said in the trace and on the card)
     text_read: list[str] = field(default_factory=list)
+    #: the version of the policy the decision was made under (``Policy.version``)
+    policy_version: str = ""
 
     @property
     def decided(self) -> bool:
@@ -143,6 +145,7 @@ class Decision:
         """The decision trace as plain data: which policy, which clause, which resources, what was missing."""
         return {
             "policy": self.policy_id,
+            "policy_version": self.policy_version,
             "order": self.order_reference,
             "outcome": self.outcome.value,
             "rule": self.rule_id,

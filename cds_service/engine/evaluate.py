@@ -58,7 +58,7 @@ class _RuleResult:
         words = _OUTCOME_WORDS[self.outcome]
         if self.outcome is Outcome.CONDITIONAL and self.gaps:
             needs = "; ".join(unique([g.label or g.text for g in self.gaps]))
-            return f"{label}: {words}, needs {needs}"
+            return f"{label}: {words} ({needs})"
         if self.outcome is Outcome.NOT_COVERED and self.failure is not None:
             return f"{label}: {words} ({self.failure.summary})"
         rule = self.rule.summary(self.outcome) if self.rule else ""
@@ -152,8 +152,10 @@ def _reconcile(results: list[_RuleResult], candidates: Candidates) -> tuple[_Rul
     else:
         engine = INDICATION_AMBIGUOUS
         where = "the order's reasons support" if candidates.from_order else "the problem list supports"
-        text = (f"the indication for this order (reasonCode): {where} more than one, with different "
-                "decisions: " + "; ".join(r.describe() for r in results))
+        how = ("each waiting on documentation of its own" if outcomes == {Outcome.CONDITIONAL}
+               else "with different decisions")
+        text = (f"the indication for this order (reasonCode): {where} more than one, {how}: "
+                + "; ".join(r.describe() for r in results))
         label = "state the indication"
     evidence = [e for r in results for e in r.evidence]
     return _RuleResult(None, Outcome.CONDITIONAL, evidence, [Gap(text, label, "indication")], engine=engine), []
@@ -255,5 +257,6 @@ def decide(policy_set: PolicySet, policy: Policy, match: TriggerMatch, order: Or
         trace=[t for r in results for t in r.trace],
         skipped_resources=[f"{s.reference}: {s.reason}" for s in record.skipped],
         text_read=list(scope.text_read),
+        policy_version=policy.version,
     )
 

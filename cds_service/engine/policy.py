@@ -26,6 +26,7 @@ from .criteria.conditions import IndicationIn
 from .decision import GAP_KINDS, Outcome
 from .indication import IndicationRules, Specificity
 from .orders import OrderFacts
+from .spec import strict_keys
 from .value_set_files import Expansions, ValueSetFileError, load_value_sets
 
 ORDER_RESOURCES = frozenset({"ServiceRequest", "DeviceRequest", "MedicationRequest"})
@@ -189,15 +190,7 @@ _PAS = {"no-auth", "auth-needed", "conditional", "performpa"}
 
 
 def _keys(where: str, data: Any, required: set[str], optional: set[str] = frozenset()) -> Mapping[str, Any]:  # type: ignore[assignment]
-    if not isinstance(data, Mapping):
-        raise PolicyError(f"{where}: expected a mapping")
-    unknown = set(data) - required - set(optional)
-    if unknown:
-        raise PolicyError(f"{where}: unknown key(s) {sorted(unknown)}")
-    missing = required - set(data)
-    if missing:
-        raise PolicyError(f"{where}: missing {sorted(missing)}")
-    return data
+    return strict_keys(where, data, required, set(optional), PolicyError)
 
 
 def _text(where: str, value: Any) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..engine.decision import Decision, Outcome
@@ -54,7 +54,7 @@ def coverage_information(
         parts.append({"url": "questionnaire", "valueCanonical": questionnaire})
     if billing_code:
         parts.append({"url": "billingCode", "valueCoding": dict(billing_code)})
-    reason: dict[str, Any] = {"text": decision.reason}
+    reason: dict[str, Any] = {"text": with_policy_versions(decision.reason, [decision.policy_version])}
     if decision.technical:
         reason["coding"] = [dict(version.technical_reason)]
     parts.append({"url": "reason", "valueCodeableConcept": reason})
@@ -91,6 +91,15 @@ def not_assessed_information(*, version: CrdVersion, assertion_id: str, date: st
               {"url": "date", "valueDate": date},
               {"url": "coverage-assertion-id", "valueString": assertion_id}]
     return {"url": EXT_COVERAGE_INFORMATION, "extension": parts}
+
+
+def with_policy_versions(reason: str, versions: Sequence[str]) -> str:
+    """``reason`` followed by the version(s) of the policies it was decided under (CRD has no element for a
+    policy version in either profile; the reason text is free in both, and always sent)."""
+    shown = [v for v in versions if v]
+    if not shown:
+        return reason
+    return f"{reason} Policy version{'s' if len(shown) > 1 else ''}: {', '.join(shown)}."
 
 
 def annotated_order(order: Mapping[str, Any], extension: Mapping[str, Any]) -> dict[str, Any]:

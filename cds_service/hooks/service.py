@@ -35,6 +35,7 @@ from .coverage_info import (
     coverage_information,
     new_assertion_id,
     not_assessed_information,
+    with_policy_versions,
 )
 from .hook_orders import (
     Decidable,
@@ -501,17 +502,20 @@ class CoverageService:
         be read for this call, that is said too, as the version's technical answer (CRD 2.2.1 resp-43)."""
         unread = "; ".join(f"{rtype} data could not be read ({why})" for rtype, why in sorted(unavailable.items()))
         ids = ", ".join(p.id for p in self.policies.policies)
-        why = {d.order_reference: d.reason for d in decisions if not d.decided and d.reason}
+        why = {d.order_reference: d for d in decisions if not d.decided and d.reason}
+        versions = [p.version for p in self.policies.policies]
         for order in scope.facts:
             reference = order.reference
             target = scope.targets.get(reference)
             shown = reference_of(target) if target is not None else reference
             if shown in annotated or not order.id or not valid_r4(target if target is not None else order.raw):
                 continue  # a resource that is not valid FHIR cannot be returned changed only by the extension
-            reason = (f"Not assessed by this service: {why[reference]}" if reference in why else
+            reason = (f"Not assessed by this service: {why[reference].reason}" if reference in why else
                       f"Not assessed by this service, which decides coverage under medical policies {ids} only; "
                       "none of them applies to this order.")
-            reason += " Coverage depends on the member's benefits and the payer's other policies."
+            reason = with_policy_versions(reason + " Coverage depends on the member's benefits and the payer's "
+                                          "other policies.",
+                                          [why[reference].policy_version] if reference in why else versions)
             extension = not_assessed_information(
                 version=request.version, assertion_id=new_assertion_id(), date=today,
                 coverage={"reference": order.insurance[0]} if order.insurance else coverage,
@@ -525,6 +529,7 @@ class CoverageService:
         reference = item.order.reference
         if unreadable[reference]:
             decision = unreadable_decision(item.policy.id, item.policy.title, reference, unreadable[reference])
+            decision.policy_version = item.policy.version
         else:
             found = [*scope.conflicts.get(reference, []), *scope.conflicts.get(item.policy.id, [])]
             decision = decide(self.policies, item.policy, item.match, item.order, scope.facts, record,

@@ -209,6 +209,11 @@ class Store:
         ready = database["state"] == "up"
         return {"status": "ready" if ready else "not-ready", "database": database, "audit": audit}
 
+    def audit_queued(self) -> int | None:
+        """Records queued for this process's audit writer now (None: no writer, or not known)."""
+        queued = self._writer.state().get("queued") if self._writer is not None else None
+        return queued if isinstance(queued, int) and queued >= 0 else None
+
     @staticmethod
     async def _bounded(future: Future[Any], timeout: float) -> Any:
         try:

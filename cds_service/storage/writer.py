@@ -39,6 +39,8 @@ from concurrent.futures import wait as wait_for_future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..observability.logs import configure_from_environment
+from ..observability.metrics import AUDIT_WRITTEN
 from .background import Background
 from .records import Record
 from .spool import Position, Spool
@@ -160,6 +162,7 @@ class Pump:
             return
         self._failures = 0
         self._set_state("up")
+        AUDIT_WRITTEN.inc(len(flight.records) - len(rejected))
         self._spool.reject(rejected)
         if flight.end is not None:
             self._spool.advance(flight.end)
@@ -296,6 +299,7 @@ def _child(settings: WriterSettings, records: Any, parent: int) -> None:
     # sent to the whole process group cannot stop the writer before the records are spooled.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    configure_from_environment()
     from .store import Store
 
     store = Store(settings.url, writer="none", database_timeout=settings.database_timeout, migrate_now=False)

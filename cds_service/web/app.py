@@ -9,9 +9,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import hmac
 import logging
+import os
+import signal
+import threading
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -24,22 +29,27 @@ from starlette.responses import HTMLResponse, Response
 from starlette.routing import Route
 
 from ..auth.jwt import AuthError, JwtAuthenticator, Principal
-from ..config import Config
-from ..dtr.package import Packager
+from ..config import Config, ConfigError, metrics_token
 from ..engine.policy import load_policies
+from ..fhir import client as fhir_client
 from ..fhir.client import ReadLimits
 from ..fhir.gather import DataUnavailable
 from ..hooks.feedback import FeedbackError, parse_feedback
+from ..hooks.generations import Generation, RunDirectory
 from ..hooks.payer import PayerIdentifier
 from ..hooks.policy_page import CONTENT_SECURITY_POLICY, policy_page
 from ..hooks.request import RequestError, redact
-from ..hooks.service import CoverageService, HookResult, Settings
+from ..hooks.service import SERVICES, CoverageService, HookResult, Settings
 from ..jsonutil import JSONDecodeError, JSONTooDeep, dumps, loads
+from ..observability import logs, metrics
+from ..observability.labels import auth_refusal_label, override_reason_label, service_label
 from ..paths import data_dir
+from ..storage.replay import ReplayGuard
 from ..storage.store import AuditRecord, Store
 from ..urls import is_loopback
 from . import dtr
 from .errors import operation_outcome
+from .reloading import POLL_SECONDS, PolicyFollower
 
 log = logging.getLogger("cds_service.web")
 
@@ -79,13 +89,23 @@ def json_response(body: Any, status: int = 200) -> Response:
     return Response(dumps(body), status_code=status, media_type="application/json")
 
 
+#: a request that carries one of these came through a proxy: it is not taken as local for /metrics
+_PROXY_HEADERS = ("forwarded", "x-forwarded-for", "x-real-ip")
+SPOOL_FIGURES_SECONDS = 2.0  # the longest a scrape waits for the audit spool's figures
+
+
 class CdsApp:
     def __init__(self, config: Config, store: Store, service: CoverageService,
-                 authenticator: JwtAuthenticator | None) -> None:
+                 authenticator: JwtAuthenticator | None, metrics_token: str | None = None) -> None:
         self.config = config
         self.store = store
+        #: the policies and everything derived from them, replaced whole on a reload: a request reads it once
         self.service = service
         self.authenticator = authenticator
+        self.metrics_token = metrics_token
+
+    def swap(self, service: CoverageService) -> None:
+        self.service = service
 
     def public_base(self, request: Request) -> str | None:
         """The base URL EHRs call: ``public_base_url``; without it, for a request that arrived on a loopback
@@ -142,32 +162,60 @@ class CdsApp:
     async def hook(self, request: Request) -> Response:
         started = time.perf_counter()
         received = dt.datetime.now(dt.UTC)
+        service = self.service  # one policy generation answers the whole call
         service_id = request.path_params["service_id"]
-        if self.service.hook_of(service_id) is None:
-            return operation_outcome(404, f"no service {service_id!r}", "not-found")
+        if service.hook_of(service_id) is None:
+            response = operation_outcome(404, f"no service {service_id!r}", "not-found")
+            self.observe_hook(service_id, None, None, response, started, "not-found")
+            return response
         try:
             principal = await self.authenticate(request)
         except AuthError as error:
-            return unauthorized(error)
+            response = unauthorized(error)
+            self.observe_hook(service_id, None, None, response, started, "unauthorized")
+            return response
         raw: bytes | None = None
         body: Any = None
         result: HookResult | None = None
+        error_code: str | None = None
         try:
             raw, body = await self.read_json(request)
-            result = await self.service.handle(
+            result = await service.handle(
                 service_id, body, self.base_url(request),
                 principal.fhir_server_allowlist if principal else None,
             )
             response = json_response(result.response)
         except BodyTooLarge:
+            error_code = "too-costly"
             response = operation_outcome(413, f"the request body is larger than {self.config.service.max_body_bytes} "
-                                              "bytes", "too-costly")
+                                              "bytes", error_code)
         except RequestError as error:
+            error_code = error.code
             response = operation_outcome(error.status, str(error), error.code)
         except DataUnavailable as error:
-            response = operation_outcome(412, str(error), "not-found")
+            error_code = "not-found"
+            response = operation_outcome(412, str(error), error_code)
         await self.audit(service_id, raw, body, result, principal, response, received, started)
+        self.observe_hook(service_id, body, result, response, started, error_code)
         return response
+
+    def observe_hook(self, service_id: str, body: Any, result: HookResult | None, response: Response,
+                     started: float, error_code: str | None) -> None:
+        """The call's metrics, and its one log line (ids, status, latency, decisions; never a token or PHI)."""
+        latency = time.perf_counter() - started
+        label = service_label(service_id, SERVICES)
+        metrics.HOOK_CALLS.labels(label, str(response.status_code)).inc()
+        metrics.HOOK_LATENCY.labels(label).observe(latency)
+        decisions = result.decisions if result is not None else []
+        for d in decisions:
+            metrics.DECISIONS.labels(d.policy_id, d.outcome.value, d.rule_id).inc()
+        logs.hook_call(
+            service=label, hook=_text(body, "hook") if label != "unknown" else None,
+            hook_instance=_text(body, "hookInstance"), status=response.status_code, latency_ms=latency * 1000,
+            crd_version=result.crd_version if result is not None else None,
+            decisions=[{"order": d.order_reference, "policy": d.policy_id, "policy_version": d.policy_version,
+                        "outcome": d.outcome.value, "rule": d.rule_id} for d in decisions],
+            error=error_code)
 
     async def audit(self, service_id: str, raw: bytes | None, body: Any, result: HookResult | None,
                     principal: Principal | None, response: Response, received: dt.datetime, started: float) -> None:
@@ -229,6 +277,8 @@ class CdsApp:
         except (RequestError, FeedbackError) as error:
             return operation_outcome(400, str(error))
         await self.store.record_feedback(service_id, entries, principal.issuer if principal else None)
+        for entry in entries:
+            metrics.FEEDBACK.labels(entry["outcome"], override_reason_label(entry)).inc()
         return Response(status_code=200)
 
     async def health(self, request: Request) -> Response:
@@ -240,6 +290,43 @@ class CdsApp:
         reports the audit backlog either way. Answers within a bound even when the database hangs."""
         report = await self.store.readiness()
         return json_response(report, status=200 if report["status"] == "ready" else 503)
+
+    async def metrics_page(self, request: Request) -> Response:
+        """The Prometheus metrics, to the clients ``[metrics] access`` admits."""
+        if not self.config.metrics.enabled:
+            return operation_outcome(404, "metrics are turned off ([metrics] enabled = false)", "not-found")
+        refusal = self.metrics_refusal(request)
+        if refusal is not None:
+            return refusal
+        figures = await self.audit_figures()
+        body = await asyncio.to_thread(metrics.exposition, figures)
+        return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)
+
+    def metrics_refusal(self, request: Request) -> Response | None:
+        access = self.config.metrics.access
+        peer = request.client.host if request.client else ""
+        local = is_loopback(peer) and not any(h in request.headers for h in _PROXY_HEADERS)
+        if access == "open" or local:
+            return None
+        if access == "token" and self.metrics_token is not None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.metrics_token.encode()):
+                return None
+            return json_response({"error": "unauthorized"}, status=401) if not token else \
+                operation_outcome(403, "the metrics token is not valid", "forbidden")
+        return operation_outcome(403, "metrics are served to local clients only ([metrics] access)", "forbidden")
+
+    async def audit_figures(self) -> metrics.AuditFigures | None:
+        """What the audit spool holds and dropped, for the metrics; None without a spool, and only the
+        drops' absence when it does not answer in time."""
+        spool = self.store.spool
+        if spool is None:
+            return None
+        try:
+            status = await asyncio.wait_for(asyncio.to_thread(spool.status), SPOOL_FIGURES_SECONDS)
+        except (TimeoutError, OSError):
+            return metrics.AuditFigures()
+        return metrics.AuditFigures(status.dropped, status.records, status.bytes, status.oldest_age_seconds())
 
     async def policy_text(self, request: Request) -> Response:
         policy = self.service.policies.get(request.path_params["policy_id"])
@@ -258,6 +345,7 @@ def _text(data: Any, key: str) -> str | None:
 
 def unauthorized(error: AuthError) -> Response:
     log.warning("authentication failed: %s", error)
+    metrics.JWT_REFUSALS.labels(auth_refusal_label(str(error))).inc()
     return json_response({"error": "unauthorized"}, status=401)
 
 
@@ -273,12 +361,12 @@ async def server_error(request: Request, exc: Exception) -> Response:
     return operation_outcome(500, "internal error", "exception")
 
 
-def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | None = None,
-               jwks_transport: httpx.AsyncBaseTransport | None = None) -> Starlette:
-    policies = load_policies(data_dir("policies", config.service.policies_dir))
-    service = CoverageService(
-        policies,
-        data_dir("cards", config.service.cards_dir),
+def build_service(config: Config, policies_dir: Path, cards_dir: Path,
+                  fhir_transport: httpx.AsyncBaseTransport | None = None) -> CoverageService:
+    """The service for the policy files and card templates in these directories."""
+    return CoverageService(
+        load_policies(policies_dir),
+        cards_dir,
         Settings(
             payer_name=config.service.payer_name,
             public_base_url=config.service.public_base_url,
@@ -289,19 +377,68 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
         ),
         transport=fhir_transport,
     )
+
+
+def _observe_fhir_read(outcome: str, seconds: float) -> None:
+    metrics.FHIR_READS.labels(outcome).inc()
+    metrics.FHIR_READ_LATENCY.labels(outcome).observe(seconds)
+
+
+def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | None = None,
+               jwks_transport: httpx.AsyncBaseTransport | None = None, run_dir: Path | None = None) -> Starlette:
+    """The web app. ``run_dir``: the run directory of ``cds-service serve`` (the app serves its policy
+    generation and follows reloads); without it, the configured policy files, never reloaded."""
+    follower: PolicyFollower | None = None
+    generation: Generation | None = None
+    if run_dir is None:
+        service = build_service(config, data_dir("policies", config.service.policies_dir),
+                                data_dir("cards", config.service.cards_dir), fhir_transport)
+    else:
+        run = RunDirectory(run_dir)
+        generation = run.current()
+        if generation is None:
+            raise ConfigError(f"{run_dir}: no policy generation published (cds-service serve publishes the first)")
+
+        def build(published: Generation) -> CoverageService:
+            return build_service(config, published.policies_dir, published.cards_dir, fhir_transport)
+
+        service = build(generation)
+        if run.serving_pid() != os.getpid() and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a worker: reloads are asked of the serving process
+    if _observe_fhir_read not in fhir_client.read_observers:
+        fhir_client.read_observers.append(_observe_fhir_read)
     store = Store(config.storage.url, writer=config.storage.audit_writer, spool_dir=config.storage.spool_dir,
                   spool_max_bytes=config.storage.spool_max_bytes,
                   database_timeout=config.storage.database_timeout_seconds, require_database=False)
-    authenticator = JwtAuthenticator(config.auth, store.claim_jti, jwks_transport) \
-        if config.auth.mode == "jwt" else None
-    cds = CdsApp(config, store, service, authenticator)
-    documentation = dtr.DtrRoutes(cds, Packager(policies, service.documentation.forms, config.service.payer_name))
+    replay = ReplayGuard(store.claim_jti)  # never waits long on the database (storage/replay.py)
+    authenticator = JwtAuthenticator(config.auth, replay, jwks_transport) if config.auth.mode == "jwt" else None
+    cds = CdsApp(config, store, service, authenticator, metrics_token(config.metrics))
+    if run_dir is not None and generation is not None:
+        follower = PolicyFollower(run, generation, build, cds.swap)
+
+    async def housekeeping() -> None:
+        """The audit queue gauge, and the policy generation (a few times a second)."""
+        while True:
+            metrics.AUDIT_QUEUE.set(store.audit_queued() or 0)
+            if follower is not None:
+                try:
+                    await follower.poll()
+                except OSError as error:
+                    log.error("cannot read the policy generation in %s: %s", run_dir, error.strerror)
+            await asyncio.sleep(POLL_SECONDS)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        if follower is not None:
+            follower.started()
+        task = asyncio.create_task(housekeeping(), name="cds-housekeeping")
         try:
             yield
         finally:
+            task.cancel()
+            if follower is not None:
+                follower.stopped()
+            replay.close()
             store.close()
 
     app = Starlette(
@@ -311,8 +448,9 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
             Route("/cds-services/{service_id}/feedback", cds.feedback, methods=["POST"]),
             Route("/health", cds.health, methods=["GET"]),
             Route("/health/ready", cds.ready, methods=["GET"]),
+            Route("/metrics", cds.metrics_page, methods=["GET"]),
             Route("/policies/{policy_id}", cds.policy_text, methods=["GET"]),
-            *dtr.routes(documentation),
+            *dtr.routes(dtr.DtrRoutes(cds)),
         ],
         middleware=[
             Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],

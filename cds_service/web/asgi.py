@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import gc
+import os
 import sys
+from pathlib import Path
 
 from starlette.applications import Starlette
 
-from ..config import load_config
+from ..config import ENV_RUN_DIR, load_config
 from .app import create_app
 
 
@@ -17,7 +19,8 @@ def app_from_environment() -> Starlette:
     # 5 ms switch interval a busy event loop starves it: measured with bench/run.py, typical-request
     # throughput fell by a quarter and p99 tripled. See bench/README.md.
     sys.setswitchinterval(0.0005)
-    app = create_app(load_config())
+    run_dir = os.environ.get(ENV_RUN_DIR)  # set by `cds-service serve`: the policy generation to follow
+    app = create_app(load_config(), run_dir=Path(run_dir) if run_dir else None)
     # Everything built so far (modules, fhir.resources model classes, compiled policies and templates)
     # lives as long as the process. Parsing a request allocates tens of thousands of containers, which
     # triggers the cyclic garbage collector; its full collections would traverse that whole startup

@@ -37,9 +37,18 @@ def fhir_response(body: Any, status: int = 200) -> Response:
 
 
 class DtrRoutes:
-    def __init__(self, cds: Any, packager: Packager) -> None:
-        self.cds = cds  # the CdsApp: authentication, body reading, base URL, store
-        self.packager = packager
+    def __init__(self, cds: Any) -> None:
+        self.cds = cds  # the CdsApp: authentication, body reading, base URL, store, the current service
+        self._packager: tuple[Any, Packager] | None = None
+
+    @property
+    def packager(self) -> Packager:
+        """The packager of the service now serving (a policy reload replaces the service, and its forms)."""
+        service = self.cds.service
+        if self._packager is None or self._packager[0] is not service:
+            self._packager = (service, Packager(service.policies, service.documentation.forms,
+                                                self.cds.config.service.payer_name))
+        return self._packager[1]
 
     def base(self, request: Request) -> str:
         return str(self.cds.config.service.public_base_url or self.cds.base_url(request)).rstrip("/")
@@ -114,7 +123,8 @@ class DtrRoutes:
             if parsed.context and (context is None or not self._same_patient(parsed.coverage, context)):
                 raise PackageError(f"no coverage assertion {parsed.context!r} is known for this Coverage's patient "
                                    "(unknown, or expired)", status=404, code="not-found")
-            return fhir_response(self.packager.package(parsed, context, self.base(request)))
+            packager = self.packager  # one policy generation answers the whole call
+            return fhir_response(packager.package(parsed, context, self.base(request)))
         except BodyTooLarge:
             return operation_outcome(413, "the request body is too large", "too-costly")
         except RequestError as error:

@@ -3,12 +3,13 @@ policy file gives it, and reading its parameters strictly."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Protocol
 
 from ...terminology import ValueSet
 from ..context import EvaluationContext
 from ..decision import Failure, Gap, Result, Status
+from ..spec import strict_keys
 
 
 class CriterionError(ValueError):
@@ -108,25 +109,4 @@ def number(params: Mapping[str, Any], key: str, default: float | None, low: floa
 
 
 def check_keys(kind: str, params: Any, required: set[str], optional: set[str] = frozenset()) -> Mapping[str, Any]:  # type: ignore[assignment]
-    if not isinstance(params, Mapping):
-        raise CriterionError(f"{kind}: expected a mapping of parameters")
-    unknown = set(params) - required - set(optional)
-    if unknown:
-        raise CriterionError(f"{kind}: unknown parameter(s) {sorted(unknown)}")
-    missing = required - set(params)
-    if missing:
-        raise CriterionError(f"{kind}: missing parameter(s) {sorted(missing)}")
-    return params
-
-
-def first_match(sets: Sequence[ValueSet], concepts: Sequence[Any]) -> tuple[ValueSet, Any] | None:
-    """The first (value set, match) for any of the concepts."""
-    for vs in sets:
-        for concept in concepts:
-            found = vs.find(concept)
-            if found is not None:
-                return vs, found
-    return None
-
-
-Builder = Callable[[Any, Lookup], Criterion]
+    return strict_keys(kind, params, required, set(optional), CriterionError, "parameter(s)")

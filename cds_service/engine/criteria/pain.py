@@ -60,7 +60,9 @@ class ChronicPain(Criterion):
                 ctx.scope.read_text(f"{indication.reference}: '{indication.full.label()}' read as {vs.title}")
             evidence = Evidence(indication.reference, f"'{indication.label()}' is {vs.title} [{found.how}]")
             if verdict:
-                return Result.met(evidence)
+                # the indication's own coding, already shown as evidence when it was placed, needs no second line
+                own = found.coding is not None and found.coding in indication.concept.codings
+                return Result.met() if own else Result.met(evidence)
             return Result.not_met(evidence, failure=Failure(
                 "acute pain is not chronic pain",
                 f"The indication is {vs.title}; the policy covers a pump only for severe, chronic, intractable pain."))

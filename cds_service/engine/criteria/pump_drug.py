@@ -103,7 +103,7 @@ def pump_drugs(ctx: EvaluationContext, pump_routes: Sequence[ValueSet],
         return found
     for rtype in ("MedicationRequest", "MedicationStatement"):
         for raw, model in ctx.history(rtype):
-            if raw.get("status") not in _CURRENT:
+            if str(raw.get("status")) not in _CURRENT:
                 continue
             dosages = (model.dosageInstruction if rtype == "MedicationRequest" else model.dosage) or []
             clues = [RouteClue(ctx.concept(d.route), "route", CODED) for d in dosages if d.route is not None]

@@ -101,7 +101,7 @@ def pain_scores(ctx: EvaluationContext, value_set: ValueSet) -> ScoreIndex:
     dated: list[PainScore] = []
     by_part: dict[str, list[PainScore]] = {}
     for raw in ctx.raw_resources("Observation"):
-        if raw.get("status") not in FINAL:
+        if str(raw.get("status")) not in FINAL:  # str(): any JSON value, hashable
             continue
         coding = value_set.first_match(ctx.systems.concept(raw.get("code")).codings)
         value = _number(raw)
