@@ -245,8 +245,8 @@ def test_ready_when_the_database_is_up_and_migrated(sqlite_url: str, monkeypatch
         alive = client.get("/health")
     assert ready.status_code == 200
     body = ready.json()
-    assert body["status"] == "ready" and body["database"] == {"state": "up", "schema": "0003",
-                                                               "expected_schema": "0003"}
+    assert body["status"] == "ready" and body["database"] == {"state": "up", "schema": "0004",
+                                                               "expected_schema": "0004"}
     assert body["audit"]["spool"] == {"records": 0, "bytes": 0, "max_bytes": 1 << 30, "oldest_age_seconds": None}
     assert body["audit"]["dropped"] == {} and body["audit"]["running"]
     assert unmigrated.status_code == 503 and unmigrated.json()["database"]["state"] == "not-migrated"

@@ -88,7 +88,7 @@ def test_schema_is_migrated_once_and_versioned(storage_url: str) -> None:
     with store.engine.connect() as connection:
         version = connection.execute(sa.text("SELECT version_num FROM alembic_version")).scalar_one()
     store.close()
-    assert version == "0003"
+    assert version == "0004"
 
 
 def test_replay_store_claims_each_jti_once(storage_url: str) -> None:

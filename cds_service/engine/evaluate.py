@@ -30,6 +30,7 @@ DIAGNOSIS_UNCONFIRMED = "diagnosis-unconfirmed"
 DRUG_UNIDENTIFIED = "drug-unidentified"
 NO_RULE = "no-rule-applies"
 DATA_UNAVAILABLE = "data-unavailable"
+DOCUMENTATION_CONFLICT = "documentation-conflict"
 _OUTCOME_WORDS = {Outcome.COVERED: "covered", Outcome.NOT_COVERED: "not covered",
                   Outcome.CONDITIONAL: "conditional", Outcome.OUT_OF_SCOPE: "outside the policy"}
 
@@ -181,8 +182,9 @@ def _wording(policy: Policy, result: _RuleResult, gaps: list[Gap]) -> tuple[str,
 
 def decide(policy_set: PolicySet, policy: Policy, match: TriggerMatch, order: OrderFacts,
            draft_orders: Sequence[OrderFacts], record: PatientRecord, *, today: dt.date | None = None,
-           medications: Medications | None = None) -> Decision:
-    """The policy's decision on ``order``."""
+           medications: Medications | None = None, conflicts: Sequence[Gap] = ()) -> Decision:
+    """The policy's decision on ``order``. ``conflicts``: documentation (a DTR form's answers) that contradicts
+    coded record data, found by the caller: the decision cannot be firm, and names them."""
     now = dt.datetime.now(dt.UTC)
     moment = dt.datetime(today.year, today.month, today.day, tzinfo=dt.UTC) if today else now
     scope = DecisionScope()
@@ -210,6 +212,14 @@ def decide(policy_set: PolicySet, policy: Policy, match: TriggerMatch, order: Or
         chosen = _RuleResult(None, Outcome.CONDITIONAL, chosen.evidence, [Gap(
             f"confirmation of the drug ordered in {order.reference} ({match.how}): the decision depends on it",
             "confirm the drug", "drug")], indication=chosen.indication, engine=DRUG_UNIDENTIFIED)
+    # --- documentation conflicts (DTR forms, cds_service/dtr/extract.py): never a firm answer over them ---
+    if conflicts and chosen.outcome is not Outcome.OUT_OF_SCOPE:
+        notes.append(f"from the record and the documentation, the rules gave: {chosen.outcome.value} "
+                     f"(rule {chosen.key[1]})")
+        kept = chosen.gaps if chosen.outcome is Outcome.CONDITIONAL else []
+        chosen = _RuleResult(None, Outcome.CONDITIONAL, chosen.evidence, [*conflicts, *kept],
+                             indication=chosen.indication, engine=DOCUMENTATION_CONFLICT)
+    # --- end of documentation conflicts ---
     technical = record.technical_gaps(scope.consulted)
     # out of scope by a rule that reads only the order (a route that is not the policy's): no data mattered
     order_only = chosen.outcome is Outcome.OUT_OF_SCOPE and chosen.rule is not None and not chosen.rule.needs_indication

@@ -33,7 +33,8 @@ ORDER_RESOURCES = frozenset({"ServiceRequest", "DeviceRequest", "MedicationReque
 SHARED_FILES = ("code-systems.yaml", "shared-value-sets.yaml", "condition-status.yaml", "text-matching.yaml",
                 "outcomes.yaml")
 ENGINE_OUTCOMES = ("indication-missing", "indication-ambiguous", "indication-conflict", "indication-uncoded",
-                   "diagnosis-unconfirmed", "drug-unidentified", "data-unavailable", "no-rule-applies")
+                   "diagnosis-unconfirmed", "drug-unidentified", "data-unavailable", "no-rule-applies",
+                   "documentation-conflict")
 
 
 class PolicyError(ValueError):

@@ -30,12 +30,14 @@ def coverage_information(
     prior_authorization: str,
     advisory_only: bool,
     policy_url: str,
+    questionnaire: str | None = None,
 ) -> dict[str, Any]:
     """The extension for one decision, in the shape of CRD ``version``. ``coverage`` is the Reference to
     the patient's Coverage (or :data:`UNKNOWN_COVERAGE`). Invariants: not-covered carries no pa-needed;
     a conditional element carries info-needed (OTH, explained by reason); data that could not be read is
     the version's technical answer with its reason code. On order-select (``advisory_only``) no
-    documentation is requested."""
+    documentation is requested. ``questionnaire``: the version-specific canonical of the documentation form
+    that collects what is missing (sent with doc-needed only, crd-ci-q1)."""
     covered = decision.outcome.value
     if decision.technical:
         covered = version.technical_covered
@@ -48,6 +50,8 @@ def coverage_information(
     parts += [{"url": url, "valueCode": code} for url, code in codes.items()]
     if any(codes.get(element) == "conditional" for element in version.info_needed_when):
         parts.append({"url": "info-needed", "valueCode": "OTH"})
+    if questionnaire is not None and "doc-needed" in codes:
+        parts.append({"url": "questionnaire", "valueCanonical": questionnaire})
     if billing_code:
         parts.append({"url": "billingCode", "valueCoding": dict(billing_code)})
     reason: dict[str, Any] = {"text": with_policy_versions(decision.reason, [decision.policy_version])}

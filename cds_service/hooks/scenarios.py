@@ -49,6 +49,7 @@ PREFETCH_KEYS = {
     "MedicationAdministration": "medicationAdministrations",
     "AllergyIntolerance": "allergies",
     "Coverage": "coverage",
+    "QuestionnaireResponse": "questionnaireResponses",  # completed documentation forms (DTR)
 }
 _EXPECT_KEYS = {"order", "policy", "outcome", "rule", "evidence", "missing_contains", "reason_contains",
                 "missing_count", "text_read", "summary_contains", "summary_excludes"}

@@ -14,7 +14,10 @@ from typing import Any
 
 import httpx
 
-from ..engine.decision import Decision
+from ..dtr import evidence as form_evidence
+from ..dtr.documentation import DocumentationForms
+from ..dtr.extract import Documentation, amend, conflicts, extract, sources
+from ..engine.decision import Decision, Gap
 from ..engine.evaluate import decide
 from ..engine.orders import ORDER_TYPES, Medications, OrderFacts, medications_from, order_facts
 from ..engine.policy import Policy, PolicySet, TriggerMatch
@@ -23,6 +26,7 @@ from ..fhir.bundles import is_operation_outcome
 from ..fhir.client import FhirClient, ReadLimits
 from ..fhir.gather import ClientFactory, DataNeed, gather_record
 from ..fhir.record import PatientRecord
+from ..storage.dtr_contexts import context_row
 from ..urls import Allowlist, fhir_server_problem
 from .cards import CardRenderer
 from .coverage_info import (
@@ -102,6 +106,8 @@ class HookResult:
     request: HookRequest
     decisions: list[Decision] = field(default_factory=list)
     card_decisions: dict[str, str] = field(default_factory=dict)  # card uuid -> coverage-assertion-id
+    #: what a DTR $questionnaire-package request will need, per conditional decision with a form
+    dtr_contexts: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def crd_version(self) -> str:
@@ -130,6 +136,11 @@ class Scope:
     medications: Medications = field(default_factory=Medications)
     #: per order reference, the resource its coverage information is added to when not the order itself
     targets: dict[str, Mapping[str, Any]] = field(default_factory=dict)
+    #: completed documentation forms (DTR) of the patient: what they add, per order what they added to it
+    #: (form reference, finding) and, per order reference or policy id, where they contradict the record
+    documentation: Documentation = field(default_factory=Documentation)
+    amended: dict[str, list[tuple[str, str]]] = field(default_factory=dict)
+    conflicts: dict[str, list[Gap]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -147,6 +158,7 @@ class CoverageService:
         self.policies = policies
         self.settings = settings
         self.renderer = CardRenderer(cards_dir)
+        self.documentation = DocumentationForms.load(policies)
         self.all_needs = data_needs(policies.policies, policies.systems)
         self.coverage_needs = [n for n in self.all_needs if n.key == COVERAGE_NEED_KEY]
         self._needs: dict[tuple[str, ...], list[DataNeed]] = {}
@@ -169,7 +181,8 @@ class CoverageService:
                     "coverage-information systemAction per order in scope, an External Reference card with "
                     "the policy, and an Instructions card when something must be done or documented."
                 ),
-                "prefetch": {**_REFERENCED_PREFETCH.get(hook, {}), **prefetch},
+                "prefetch": {**_REFERENCED_PREFETCH.get(hook, {}), **prefetch,
+                             **({form_evidence.PREFETCH_KEY: form_evidence.QUERY} if hook != "order-select" else {})},
                 "usageRequirements": (
                     "Send the prefetch keys advertised here, or fhirServer with fhirAuthorization granting "
                     "patient-scoped search of Condition, Observation, Procedure, MedicationStatement, "
@@ -239,9 +252,10 @@ class CoverageService:
         return [Decidable(r) for r in request.draft_orders]
 
     def in_scope(self, request: HookRequest, decidables: Sequence[Decidable] | None = None,
-                 fetched: Sequence[Mapping[str, Any]] = ()) -> Scope:
+                 fetched: Sequence[Mapping[str, Any]] = (), documentation: Documentation | None = None) -> Scope:
         """The orders of the request as the policies read them, and those in scope of a policy. ``fetched``:
-        Medication resources read from the FHIR server (for references the request could not resolve)."""
+        Medication resources read from the FHIR server (for references the request could not resolve);
+        ``documentation``: completed forms, which add to an order what it does not state."""
         systems = self.policies.systems
         items = [Decidable(r) for r in request.draft_orders] if decidables is None else decidables
         bundle: list[Mapping[str, Any]] = []
@@ -256,6 +270,13 @@ class CoverageService:
                 targets[reference_of(read)] = item.target
         medications = medications_from([request.context.get("draftOrders"), *request.prefetch.values(), *fetched])
         facts = [order_facts(systems, r, medications) for r in bundle if r.get("resourceType") in ORDER_TYPES]
+        amended: dict[str, list[tuple[str, str]]] = {}
+        order_conflicts: dict[str, list[Gap]] = {}
+        for order in facts if documentation is not None else []:
+            assert documentation is not None
+            if order.reference in documentation.amendments:
+                amended[order.reference], order_conflicts[order.reference] = amend(
+                    order, documentation.amendments[order.reference], systems)
         selected = facts
         if request.selections is not None:
             chosen = {type_and_id(s) for s in request.selections}
@@ -266,7 +287,32 @@ class CoverageService:
                 match = policy.trigger_for(order, facts)
                 if match is not None:
                     found_items.append(InScope(policy, match, order, targets.get(order.reference)))
-        return Scope(found_items, facts, notes, medications, targets)
+        return Scope(found_items, facts, notes, medications, targets, documentation or Documentation(), amended,
+                     order_conflicts)
+
+    async def documented(self, request: HookRequest, access: FhirAccessPlan, base_url: str) -> Documentation:
+        """What the patient's completed documentation forms add (DTR: the loop closes). Read from the
+        prefetch, else from the FHIR server before the record (what they add to an order decides which
+        policy governs it), within a share of the call's read limits: a third of the time, an eighth of the
+        bytes and resources; never when the token's scope does not grant it."""
+        factory = None
+        fhir = request.fhir
+        scopes = parse_scopes(fhir.scope if fhir else None)
+        if access.factory is not None and fhir is not None and scopes.allows_search("QuestionnaireResponse"):
+            limits = self.settings.fhir_limits
+            share = ReadLimits(max(1, limits.max_total_bytes // 8), max(1, limits.max_resources // 8))
+
+            def factory() -> FhirClient:
+                assert fhir is not None
+                return FhirClient(fhir.server, fhir.access_token, self.settings.fhir_timeout_seconds / 3,
+                                  transport=self._transport, limits=share)
+
+        responses, notes = await form_evidence.read_responses(request.prefetch, request.patient_id, factory)
+        found, more = sources(responses, self.documentation.forms, self.settings.public_base_url or base_url,
+                              request.patient_id)
+        documentation = extract(found, request.patient_id, self.policies.systems)
+        documentation.notes = [*notes, *more]
+        return documentation
 
     async def fetch_medications(self, scope: Scope, access: FhirAccessPlan) -> list[Mapping[str, Any]]:
         """The Medications that draft orders reference but neither the request nor the prefetch holds, read
@@ -314,13 +360,16 @@ class CoverageService:
         """The record the given policies read."""
         return await self.gather(request, self.needs_for(policies), self.fhir_access(request, fhir_server_allowlist))
 
-    async def gather(self, request: HookRequest, needs: Sequence[DataNeed], access: FhirAccessPlan) -> PatientRecord:
+    async def gather(self, request: HookRequest, needs: Sequence[DataNeed], access: FhirAccessPlan,
+                     documented: Mapping[str, Any] | None = None) -> PatientRecord:
         """The record for ``needs``; a search the token's scope does not grant is not made (the data is
-        then unavailable, saying why)."""
+        then unavailable, saying why). ``documented``: resources completed forms gave, read first (so that a
+        confirmation of a diagnosis comes before the provisional one it confirms)."""
         scopes = parse_scopes(request.fhir.scope if request.fhir else None)
         denied = [n for n in needs if access.factory is not None and not scopes.allows_search(n.resource_type)
                   and (n.key not in request.prefetch or is_operation_outcome(request.prefetch[n.key]))]
-        record = await gather_record([n for n in needs if n not in denied], request.prefetch, request.patient_id,
+        prefetch = {"_documentation": documented, **request.prefetch} if documented else request.prefetch
+        record = await gather_record([n for n in needs if n not in denied], prefetch, request.patient_id,
                                      access.factory, access.problem)
         for need in denied:
             record.mark_unavailable(need.resource_type, "the access token's scope does not allow reading it")
@@ -348,13 +397,21 @@ class CoverageService:
         fetched = await self.fetch_medications(scope, access)
         if fetched:
             scope = self.in_scope(request, decidables, fetched)
+        if scope.items and request.hook != "order-select":
+            documentation = await self.documented(request, access, base_url)
+            if documentation.sources or documentation.notes:
+                scope = self.in_scope(request, decidables, fetched, documentation)
         result = HookResult(response=self._answer([], [], request.hook), request=request)
         unreadable = self.unreadable(scope) if scope.items else {}
         readable = [item.policy for item in scope.items if not unreadable[item.order.reference]]
         policies = list({policy.id: policy for policy in readable}.values())
         record = None
         if policies:
-            record = await self.gather(request, self.needs_for(policies), access)
+            documented = scope.documentation.bundle() if scope.documentation.resources else None
+            record = await self.gather(request, self.needs_for(policies), access, documented)
+            if scope.documentation.sources:
+                for source, gap in conflicts(scope.documentation, record, self.policies.systems):
+                    scope.conflicts.setdefault(source.form.policy_id, []).append(gap)
         if request.version.checks_payer and self.settings.payer_identifiers:
             if record is None:
                 record = await self.gather(request, self.coverage_needs, access)
@@ -394,6 +451,7 @@ class CoverageService:
             assertion_id = new_assertion_id()
             order_coverage = {"reference": item.order.insurance[0]} if item.order.insurance else coverage
             policy_url = self.policy_url(item.policy, base_url)
+            link = self.documentation.link(decision, self.settings.public_base_url or base_url, advisory_only)
             extension = coverage_information(
                 decision,
                 version=version,
@@ -404,7 +462,12 @@ class CoverageService:
                 prior_authorization=item.policy.prior_authorization,
                 advisory_only=advisory_only,
                 policy_url=policy_url,
+                questionnaire=link.canonical if link is not None else None,
             )
+            if link is not None:
+                result.dtr_contexts.append(context_row(
+                    assertion_id, item.policy.id, link.form.id, request.patient_id, decision.order_reference,
+                    self.documentation.context(decision, link, record, order_coverage)))
             target = item.target if item.target is not None else item.order.raw
             reference = decision.order_reference
             annotated[reference] = annotated_order(annotated.get(reference, dict(target)), extension)
@@ -419,6 +482,7 @@ class CoverageService:
                     topic=version.card_topic,
                     coverage_known=order_coverage is not UNKNOWN_COVERAGE,
                     notes=shown_notes,
+                    documentation_form=link.line if link is not None else None,
                 ):
                     cards.append(card)
                     result.card_decisions[card["uuid"]] = assertion_id
@@ -469,8 +533,12 @@ class CoverageService:
             decision = unreadable_decision(item.policy.id, item.policy.title, reference, unreadable[reference])
             decision.policy_version = item.policy.version
         else:
+            found = [*scope.conflicts.get(reference, []), *scope.conflicts.get(item.policy.id, [])]
             decision = decide(self.policies, item.policy, item.match, item.order, scope.facts, record,
-                              today=self._today(), medications=scope.medications)
+                              today=self._today(), medications=scope.medications, conflicts=found)
+            if scope.documentation.sources:
+                form_evidence.cite(decision, scope.documentation, scope.amended.get(reference, []))
+            decision.notes.extend(scope.documentation.notes)
         if item.target is not None:
             target = reference_of(item.target)
             decision.order_reference = target

@@ -24,6 +24,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 
 from .background import Background
 from .db import engine_for, migrate
+from .dtr_contexts import insert_contexts
 from .health import DatabaseProbe
 from .records import AuditRecord, FeedbackRecord, Record
 from .spool import DEFAULT_MAX_BYTES, Spool, default_spool_dir
@@ -169,6 +170,9 @@ class Store:
                 cards = [storable(card_decision, dict(c)) for r in audits for c in r.cards]
                 if cards:
                     connection.execute(_insert_new(connection, card_decision, "card_uuid"), cards)
+                contexts = [c for r in audits for c in r.dtr_contexts]
+                if contexts:
+                    insert_contexts(connection, contexts)
             if entries:
                 connection.execute(_insert_new(connection, feedback, "record_key"), [storable(feedback, {
                     "received_at": e.received_at, "service_id": e.service_id, "card_uuid": e.card_uuid,

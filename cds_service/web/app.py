@@ -47,6 +47,7 @@ from ..paths import data_dir
 from ..storage.replay import ReplayGuard
 from ..storage.store import AuditRecord, Store
 from ..urls import is_loopback
+from . import dtr
 from .errors import operation_outcome
 from .reloading import POLL_SECONDS, PolicyFollower
 
@@ -256,6 +257,7 @@ class CdsApp:
             request=request_json,
             cards=cards,
             crd_version=result.crd_version if result is not None else None,
+            dtr_contexts=result.dtr_contexts if result is not None else [],
         )
         await self.store.hand_off(record)
 
@@ -448,6 +450,7 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
             Route("/health/ready", cds.ready, methods=["GET"]),
             Route("/metrics", cds.metrics_page, methods=["GET"]),
             Route("/policies/{policy_id}", cds.policy_text, methods=["GET"]),
+            *dtr.routes(dtr.DtrRoutes(cds)),
         ],
         middleware=[
             Middleware(CORSMiddleware, allow_origins=["*"], allow_methods=["GET", "POST", "OPTIONS"],
