@@ -100,7 +100,6 @@ class EvaluationContext:
     scope: DecisionScope = field(default_factory=DecisionScope)
     indication: Indication | None = None
     implied_route: str | None = None
-    maintenance: bool = False
 
     def with_indication(self, indication: Indication | None) -> EvaluationContext:
         return dataclasses.replace(self, indication=indication)

@@ -198,13 +198,5 @@ class ValueSet:
         found = self.find(concept)
         return found.how if found else None
 
-    def match_text(self, texts: Iterable[str | None]) -> str | None:
-        """The first phrase of this value set found (not negated) in any of ``texts``, or None."""
-        return self.text.find_any(texts)
-
-    def system_codes(self, system_name: str) -> tuple[str, ...]:
-        """The codes listed for one system, as written (used to build scoped prefetch queries)."""
-        return self.listed.get(system_name, ())
-
     def canonical_uri(self, system_name: str) -> str:
         return self._systems.get(system_name).canonical

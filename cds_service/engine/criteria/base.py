@@ -94,12 +94,6 @@ def one_value_set(lookup: Lookup, params: Any, key: str) -> ValueSet:
     return lookup.value_set(found[0])
 
 
-def flag(params: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = params.get(key, default)
-    if not isinstance(value, bool):
-        raise CriterionError(f"'{key}' must be true or false")
-    return value
-
 
 def number(params: Mapping[str, Any], key: str, default: float | None, low: float, high: float) -> float:
     value = params.get(key, default)
