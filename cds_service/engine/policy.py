@@ -253,6 +253,9 @@ class _Lookup:
             self._tables[name] = ApprovalTable.build(name, spec, self)
         return self._tables[name]
 
+    def criterion(self, spec: Any) -> Criterion:
+        return build_criterion(spec, self)
+
 
 def _criteria(where: str, value: Any, lookup: _Lookup) -> tuple[Criterion, ...]:
     if value is None:

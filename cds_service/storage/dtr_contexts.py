@@ -16,7 +16,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
-from .tables import JSONBytes, metadata, storable
+from .tables import JSONBytes, insert_new, metadata, storable
 
 #: how long a coverage assertion's documentation context is kept
 CONTEXT_DAYS = 30
@@ -52,13 +52,9 @@ def _time(value: Any) -> dt.datetime:
 
 def insert_contexts(connection: sa.Connection, rows: Sequence[Mapping[str, Any]]) -> None:
     """Store rows (one already stored is kept as it is), within the audit writer's transaction."""
-    from .store import _insert_new  # one insert-or-skip for every table the writer fills
-
-
-
     values = [storable(dtr_context, {**row, "created_at": _time(row["created_at"]),
                                      "expires_at": _time(row["expires_at"])}) for row in rows]
-    connection.execute(_insert_new(connection, dtr_context, "coverage_assertion_id"), values)
+    connection.execute(insert_new(connection, dtr_context, "coverage_assertion_id"), values)
     connection.execute(dtr_context.delete().where(dtr_context.c.expires_at < dt.datetime.now(dt.UTC)))
 
 

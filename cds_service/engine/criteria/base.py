@@ -17,11 +17,14 @@ class CriterionError(ValueError):
 
 
 class Lookup(Protocol):
-    """How a criterion finds what its parameters name: value sets, and named tables of the policy file."""
+    """How a criterion finds what its parameters name: value sets, named tables of the policy file, and the
+    criteria it combines (``any_of``, ``all_of``, ``not``)."""
 
     def value_set(self, name: str) -> ValueSet: ...
 
     def table(self, name: str) -> Any: ...
+
+    def criterion(self, spec: Any) -> Criterion: ...
 
 
 class Criterion:
