@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING, Any
 from .config import ENV_CONFIG, ENV_HEADER_READ_TIMEOUT, ENV_RUN_DIR, Config, ConfigError, load_config, metrics_token
 from .engine.decision import Decision
 from .engine.policy import PolicyError, load_policies
-from .fhir.gather import DataUnavailable
-from .hooks.request import RequestError, operation_outcome_body
+from .errors import ServiceError, operation_outcome
 from .hooks.service import SERVICES, CoverageService, Settings
 from .jsonutil import JSONDecodeError, dumps, loads
 from .observability.logs import ENV_LOG_FORMAT
@@ -219,10 +218,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             if args.explain:
                 print(explain_text(result.decisions) or "(no order in scope of any policy)")
         except (OSError, JSONDecodeError) as error:
-            _print_json(operation_outcome_body(f"{name}: cannot read a JSON request: {type(error).__name__}"))
+            _print_json(operation_outcome(f"{name}: cannot read a JSON request: {type(error).__name__}"))
             status = 1
-        except (RequestError, DataUnavailable) as error:
-            _print_json(operation_outcome_body(f"{name}: {error}"))
+        except ServiceError as error:
+            _print_json(operation_outcome(f"{name}: {error}", error.code))
             status = 1
     return status
 

@@ -178,6 +178,15 @@ def test_body_over_limit_is_413(sqlite_url: str) -> None:
         assert small.post(SIGN, content=chunks()).status_code == 413
 
 
+@pytest.mark.parametrize("path", [SIGN, SIGN + "/feedback", "/fhir/Questionnaire/$questionnaire-package",
+                                  "/fhir/ValueSet/$expand"])
+def test_every_endpoint_with_a_body_refuses_one_over_the_limit_alike(sqlite_url: str, path: str) -> None:
+    with TestClient(create_app(make_config(sqlite_url, max_body_bytes=1000)), raise_server_exceptions=False) as small:
+        response = small.post(path, content=b" " * 2000, headers={"Content-Type": "application/json"})
+    assert_outcome(response, 413, "larger than 1000 bytes")
+    assert response.json()["issue"][0]["code"] == "too-costly"
+
+
 def test_cors_preflight_allows_authorization(client: TestClient) -> None:
     response = client.options(SIGN, headers={
         "Origin": "https://sandbox.cds-hooks.org",

@@ -19,6 +19,7 @@ from typing import Any
 
 from ..engine.orders import order_facts
 from ..engine.policy import PolicySet
+from ..errors import ServiceError
 from .forms import DTR, SECTIONS_ITEM, Form, FormSet
 from .questionnaire import (
     canonical,
@@ -41,13 +42,8 @@ MAX_TEXT = 2048
 ORIGIN_SERVER = {"url": DTR + "information-origin", "extension": [{"url": "source", "valueCode": "auto-server"}]}
 
 
-class PackageError(Exception):
-    """A request the operation cannot answer: the HTTP status, the message and the OperationOutcome code."""
-
-    def __init__(self, message: str, status: int = 400, code: str = "invalid") -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
+class PackageError(ServiceError):
+    """A request the operation cannot answer (400 ``invalid`` unless raised with another status and code)."""
 
 
 @dataclass

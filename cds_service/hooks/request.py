@@ -1,5 +1,5 @@
 """A CDS Hooks 2.0 request, validated. Anything of the wrong shape raises :class:`RequestError`
-with a message that names the problem (it becomes a 400 with an OperationOutcome)."""
+with a message that names the problem (it becomes a 400, or the status it names, with an OperationOutcome)."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import ServiceError
 from ..fhir.bundles import resources_in
 from .versions import DEFAULT as DEFAULT_VERSION
 from .versions import REQUESTED_VERSION, CrdVersion, requested_version, unsupported_version_message
@@ -16,18 +17,9 @@ from .versions import REQUESTED_VERSION, CrdVersion, requested_version, unsuppor
 MAX_ORDERS = 100
 
 
-class RequestError(ValueError):
-    """The request is malformed or of the wrong shape; ``status`` is the HTTP status to answer."""
-
-    def __init__(self, message: str, status: int = 400, code: str = "invalid") -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-def operation_outcome_body(message: str, code: str = "invalid") -> dict[str, Any]:
-    """The FHIR OperationOutcome that reports an error to a client (HTTP answer or CLI output)."""
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": message}]}
+class RequestError(ServiceError):
+    """The request is malformed or of the wrong shape (400 ``invalid``, unless raised with another status:
+    422 for too many orders or a CRD version not served, 404 for an unknown service, 408 for a body too slow)."""
 
 
 @dataclass(frozen=True, repr=False)

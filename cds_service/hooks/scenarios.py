@@ -29,9 +29,8 @@ from pathlib import Path
 from typing import Any
 
 from ..engine.decision import GAP_KINDS, Decision, Outcome
-from ..fhir.gather import DataUnavailable
+from ..errors import ServiceError
 from ..jsonutil import JSONDecodeError, loads
-from .request import RequestError
 from .service import SERVICES, CoverageService, HookResult
 
 #: the day scenarios are decided on unless they say otherwise (``date``): the day they were written for
@@ -289,7 +288,7 @@ def check_files(service_for: Callable[[dt.date], CoverageService], paths: Sequen
             problems = check_run(decided, checks)
         except ScenarioError as error:
             problems = [str(error).removeprefix(f"{path.name}: ")]
-        except (RequestError, DataUnavailable) as error:
+        except ServiceError as error:
             problems = [f"the request built from it was refused: {error}"]
         outcomes.append((path.stem, problems))
     return outcomes

@@ -31,10 +31,10 @@ from starlette.routing import Route
 from ..auth.jwt import AuthError, JwtAuthenticator, Principal
 from ..config import Config, ConfigError, metrics_token
 from ..engine.policy import load_policies
+from ..errors import ServiceError
 from ..fhir import client as fhir_client
 from ..fhir.client import ReadLimits
-from ..fhir.gather import DataUnavailable
-from ..hooks.feedback import FeedbackError, parse_feedback
+from ..hooks.feedback import parse_feedback
 from ..hooks.generations import Generation, RunDirectory
 from ..hooks.payer import PayerIdentifier
 from ..hooks.policy_page import CONTENT_SECURITY_POLICY, policy_page
@@ -48,14 +48,10 @@ from ..storage.replay import ReplayGuard
 from ..storage.store import AuditRecord, Store
 from ..urls import is_loopback
 from . import dtr
-from .errors import operation_outcome
+from .errors import BodyTooLarge, Unauthorized, error_response, http_error, server_error
 from .reloading import POLL_SECONDS, PolicyFollower
 
 log = logging.getLogger("cds_service.web")
-
-
-class BodyTooLarge(Exception):
-    pass
 
 
 async def read_body(request: Request, limit: int, timeout: float) -> bytes:
@@ -65,9 +61,9 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
     if length is not None:
         try:
             if int(length) > limit:
-                raise BodyTooLarge
+                raise BodyTooLarge(limit)
         except ValueError:
-            raise BodyTooLarge from None
+            raise BodyTooLarge(limit) from None
     chunks = []
     size = 0
     try:
@@ -75,7 +71,7 @@ async def read_body(request: Request, limit: int, timeout: float) -> bytes:
             async for chunk in request.stream():
                 size += len(chunk)
                 if size > limit:
-                    raise BodyTooLarge
+                    raise BodyTooLarge(limit)
                 chunks.append(chunk)
     except TimeoutError:
         raise RequestError(f"the request body did not arrive within {timeout:g} s", status=408,
@@ -130,11 +126,22 @@ class CdsApp:
         return self.public_base(request) or str(request.base_url)
 
     async def authenticate(self, request: Request, *paths: str) -> Principal | None:
-        """The caller, for a token whose audience is one of ``paths`` (default: this request's path)."""
+        """The caller, for a token whose audience is one of ``paths`` (default: this request's path); raises
+        :class:`Unauthorized` (the reason logged and counted, never told)."""
         if self.authenticator is None:
             return None
-        return await self.authenticator.authenticate(request.headers.get("authorization"),
-                                                     self.audiences(request, *(paths or (request.url.path,))))
+        try:
+            return await self.authenticator.authenticate(request.headers.get("authorization"),
+                                                         self.audiences(request, *(paths or (request.url.path,))))
+        except AuthError as error:
+            log.warning("authentication failed: %s", error)
+            metrics.JWT_REFUSALS.labels(auth_refusal_label(str(error))).inc()
+            raise Unauthorized from None
+
+    def known(self, service: CoverageService, service_id: str) -> None:
+        """404 for a service id this service does not have."""
+        if service.hook_of(service_id) is None:
+            raise ServiceError(f"no service {service_id!r}", 404, "not-found")
 
     async def read_json(self, request: Request) -> tuple[bytes, Any]:
         """The body as received, and parsed."""
@@ -152,11 +159,11 @@ class CdsApp:
     # --- routes -------------------------------------------------------------------------------
 
     async def discovery(self, request: Request) -> Response:
-        if not self.config.auth.discovery_public:
-            try:
+        try:
+            if not self.config.auth.discovery_public:
                 await self.authenticate(request)
-            except AuthError as error:
-                return unauthorized(error)
+        except ServiceError as error:
+            return error_response(error)
         return json_response(self.service.discovery())
 
     async def hook(self, request: Request) -> Response:
@@ -164,38 +171,27 @@ class CdsApp:
         received = dt.datetime.now(dt.UTC)
         service = self.service  # one policy generation answers the whole call
         service_id = request.path_params["service_id"]
-        if service.hook_of(service_id) is None:
-            response = operation_outcome(404, f"no service {service_id!r}", "not-found")
-            self.observe_hook(service_id, None, None, response, started, "not-found")
-            return response
-        try:
-            principal = await self.authenticate(request)
-        except AuthError as error:
-            response = unauthorized(error)
-            self.observe_hook(service_id, None, None, response, started, "unauthorized")
-            return response
+        principal: Principal | None = None
+        authenticated = False  # calls refused before (unknown service, no valid token) are not audited
         raw: bytes | None = None
         body: Any = None
         result: HookResult | None = None
         error_code: str | None = None
         try:
+            self.known(service, service_id)
+            principal = await self.authenticate(request)
+            authenticated = True
             raw, body = await self.read_json(request)
             result = await service.handle(
                 service_id, body, self.base_url(request),
                 principal.fhir_server_allowlist if principal else None,
             )
             response = json_response(result.response)
-        except BodyTooLarge:
-            error_code = "too-costly"
-            response = operation_outcome(413, f"the request body is larger than {self.config.service.max_body_bytes} "
-                                              "bytes", error_code)
-        except RequestError as error:
+        except ServiceError as error:
             error_code = error.code
-            response = operation_outcome(error.status, str(error), error.code)
-        except DataUnavailable as error:
-            error_code = "not-found"
-            response = operation_outcome(412, str(error), error_code)
-        await self.audit(service_id, raw, body, result, principal, response, received, started)
+            response = error_response(error)
+        if authenticated:
+            await self.audit(service_id, raw, body, result, principal, response, received, started)
         self.observe_hook(service_id, body, result, response, started, error_code)
         return response
 
@@ -263,19 +259,13 @@ class CdsApp:
 
     async def feedback(self, request: Request) -> Response:
         service_id = request.path_params["service_id"]
-        if self.service.hook_of(service_id) is None:
-            return operation_outcome(404, f"no service {service_id!r}", "not-found")
         path = request.url.path
         try:
+            self.known(self.service, service_id)
             principal = await self.authenticate(request, path, path.rsplit("/feedback", 1)[0])
-        except AuthError as error:
-            return unauthorized(error)
-        try:
             entries = parse_feedback((await self.read_json(request))[1])
-        except BodyTooLarge:
-            return operation_outcome(413, "the request body is too large", "too-costly")
-        except (RequestError, FeedbackError) as error:
-            return operation_outcome(400, str(error))
+        except ServiceError as error:
+            return error_response(error)
         await self.store.record_feedback(service_id, entries, principal.issuer if principal else None)
         for entry in entries:
             metrics.FEEDBACK.labels(entry["outcome"], override_reason_label(entry)).inc()
@@ -293,28 +283,31 @@ class CdsApp:
 
     async def metrics_page(self, request: Request) -> Response:
         """The Prometheus metrics, to the clients ``[metrics] access`` admits."""
-        if not self.config.metrics.enabled:
-            return operation_outcome(404, "metrics are turned off ([metrics] enabled = false)", "not-found")
-        refusal = self.metrics_refusal(request)
-        if refusal is not None:
-            return refusal
+        try:
+            if not self.config.metrics.enabled:
+                raise ServiceError("metrics are turned off ([metrics] enabled = false)", 404, "not-found")
+            self.metrics_access(request)
+        except ServiceError as error:
+            return error_response(error)
         figures = await self.audit_figures()
         body = await asyncio.to_thread(metrics.exposition, figures)
         return Response(body, media_type=metrics.CONTENT_TYPE_LATEST)
 
-    def metrics_refusal(self, request: Request) -> Response | None:
+    def metrics_access(self, request: Request) -> None:
+        """Raises unless ``[metrics] access`` admits this client (401 without a token, 403 otherwise)."""
         access = self.config.metrics.access
         peer = request.client.host if request.client else ""
         local = is_loopback(peer) and not any(h in request.headers for h in _PROXY_HEADERS)
         if access == "open" or local:
-            return None
+            return
         if access == "token" and self.metrics_token is not None:
             scheme, _, token = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() == "bearer" and hmac.compare_digest(token.strip().encode(), self.metrics_token.encode()):
-                return None
-            return json_response({"error": "unauthorized"}, status=401) if not token else \
-                operation_outcome(403, "the metrics token is not valid", "forbidden")
-        return operation_outcome(403, "metrics are served to local clients only ([metrics] access)", "forbidden")
+                return
+            if not token:
+                raise Unauthorized
+            raise ServiceError("the metrics token is not valid", 403, "forbidden")
+        raise ServiceError("metrics are served to local clients only ([metrics] access)", 403, "forbidden")
 
     async def audit_figures(self) -> metrics.AuditFigures | None:
         """What the audit spool holds and dropped, for the metrics; None without a spool, and only the
@@ -331,7 +324,7 @@ class CdsApp:
     async def policy_text(self, request: Request) -> Response:
         policy = self.service.policies.get(request.path_params["policy_id"])
         if policy is None or policy.text_path is None:
-            return operation_outcome(404, "no such policy", "not-found")
+            return error_response(ServiceError("no such policy", 404, "not-found"))
         page = policy_page(policy.id, policy.title, policy.text_path)
         return HTMLResponse(page, headers={"Content-Security-Policy": CONTENT_SECURITY_POLICY,
                                            "X-Content-Type-Options": "nosniff"})
@@ -341,24 +334,6 @@ def _text(data: Any, key: str) -> str | None:
     if isinstance(data, Mapping) and isinstance(data.get(key), str):
         return str(data[key])
     return None
-
-
-def unauthorized(error: AuthError) -> Response:
-    log.warning("authentication failed: %s", error)
-    metrics.JWT_REFUSALS.labels(auth_refusal_label(str(error))).inc()
-    return json_response({"error": "unauthorized"}, status=401)
-
-
-async def http_error(request: Request, exc: Exception) -> Response:
-    assert isinstance(exc, HTTPException)
-    code = {404: "not-found", 405: "not-supported"}.get(exc.status_code, "processing")
-    headers = dict(exc.headers) if exc.headers else None
-    return operation_outcome(exc.status_code, str(exc.detail), code, headers=headers)
-
-
-async def server_error(request: Request, exc: Exception) -> Response:
-    log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
-    return operation_outcome(500, "internal error", "exception")
 
 
 def build_service(config: Config, policies_dir: Path, cards_dir: Path,

@@ -13,18 +13,21 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Protocol
 
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from ..auth.jwt import AuthError
+from ..auth.jwt import Principal
+from ..config import Config
 from ..dtr.package import MAX_TEXT, PackageError, Packager, parse_input, patient_of
-from ..hooks.request import RequestError
+from ..errors import ServiceError
+from ..hooks.service import CoverageService
 from ..jsonutil import dumps
 from ..storage.dtr_contexts import find_context
-from .errors import operation_outcome
+from ..storage.store import Store
+from .errors import error_response
 
 log = logging.getLogger("cds_service.web.dtr")
 FHIR_JSON = "application/fhir+json"
@@ -36,10 +39,25 @@ def fhir_response(body: Any, status: int = 200) -> Response:
     return Response(dumps(body), status_code=status, media_type=FHIR_JSON)
 
 
+class Host(Protocol):
+    """What the routes use of the app they are part of (``web.app.CdsApp``)."""
+
+    config: Config
+    store: Store
+    #: the service now serving (replaced whole by a policy reload)
+    service: CoverageService
+
+    async def authenticate(self, request: Request, *paths: str) -> Principal | None: ...
+
+    async def read_json(self, request: Request) -> tuple[bytes, Any]: ...
+
+    def base_url(self, request: Request) -> str: ...
+
+
 class DtrRoutes:
-    def __init__(self, cds: Any) -> None:
-        self.cds = cds  # the CdsApp: authentication, body reading, base URL, store, the current service
-        self._packager: tuple[Any, Packager] | None = None
+    def __init__(self, cds: Host) -> None:
+        self.cds = cds
+        self._packager: tuple[CoverageService, Packager] | None = None
 
     @property
     def packager(self) -> Packager:
@@ -53,70 +71,61 @@ class DtrRoutes:
     def base(self, request: Request) -> str:
         return str(self.cds.config.service.public_base_url or self.cds.base_url(request)).rstrip("/")
 
-    async def _allowed(self, request: Request, public: bool) -> Response | None:
-        if public and self.cds.config.auth.discovery_public:
-            return None
-        try:
+    async def _allowed(self, request: Request, public: bool) -> None:
+        """Raises ``Unauthorized`` unless the caller may read this: a form definition (``public``) when
+        discovery is public, else with a valid token."""
+        if not (public and self.cds.config.auth.discovery_public):
             await self.cds.authenticate(request)
-        except AuthError as error:
-            from .app import unauthorized
-
-            return unauthorized(error)
-        return None
 
     async def metadata(self, request: Request) -> Response:
-        refused = await self._allowed(request, public=True)
-        return refused or fhir_response(self.packager.capability_statement(self.base(request)))
+        try:
+            await self._allowed(request, public=True)
+        except ServiceError as error:
+            return error_response(error)
+        return fhir_response(self.packager.capability_statement(self.base(request)))
 
     async def read_questionnaire(self, request: Request) -> Response:
-        refused = await self._allowed(request, public=True)
-        if refused:
-            return refused
-        form = self.packager.forms.by_id(request.path_params["id"])
-        if form is None:
-            return operation_outcome(404, "no such Questionnaire", "not-found")
+        try:
+            await self._allowed(request, public=True)
+            form = self.packager.forms.by_id(request.path_params["id"])
+            if form is None:
+                raise ServiceError("no such Questionnaire", 404, "not-found")
+        except ServiceError as error:
+            return error_response(error)
         return fhir_response(self.packager.questionnaire(form, self.base(request)))
 
     async def search_questionnaire(self, request: Request) -> Response:
-        refused = await self._allowed(request, public=True)
-        if refused:
-            return refused
-        url = request.query_params.get("url")
-        if url is not None and len(url) > MAX_TEXT:
-            return operation_outcome(400, "url: too long")
+        try:
+            await self._allowed(request, public=True)
+            url = request.query_params.get("url")
+            if url is not None and len(url) > MAX_TEXT:
+                raise ServiceError("url: too long")
+        except ServiceError as error:
+            return error_response(error)
         return fhir_response(self.packager.questionnaire_search(url, self.base(request)))
 
     async def expand(self, request: Request) -> Response:
-        refused = await self._allowed(request, public=True)
-        if refused:
-            return refused
-        url = request.query_params.get("url")
-        if request.method == "POST":
-            try:
+        try:
+            await self._allowed(request, public=True)
+            url = request.query_params.get("url")
+            if request.method == "POST":
                 body = (await self.cds.read_json(request))[1]
-            except RequestError as error:
-                return operation_outcome(error.status, str(error), error.code)
-            params = body.get("parameter") if isinstance(body, Mapping) else None
-            named = [p for p in params if isinstance(p, Mapping) and p.get("name") == "url"] \
-                if isinstance(params, list) else []
-            url = (named[0].get("valueUri") or named[0].get("valueCanonical")) if named else None
-        if not isinstance(url, str) or not url or len(url) > MAX_TEXT:
-            return operation_outcome(400, "$expand needs the url of a ValueSet this service serves")
-        found = self.packager.expand(url, self.base(request))
-        if found is None:
-            return operation_outcome(404, f"no ValueSet {url} is served here", "not-found")
+                params = body.get("parameter") if isinstance(body, Mapping) else None
+                named = [p for p in params if isinstance(p, Mapping) and p.get("name") == "url"] \
+                    if isinstance(params, list) else []
+                url = (named[0].get("valueUri") or named[0].get("valueCanonical")) if named else None
+            if not isinstance(url, str) or not url or len(url) > MAX_TEXT:
+                raise ServiceError("$expand needs the url of a ValueSet this service serves")
+            found = self.packager.expand(url, self.base(request))
+            if found is None:
+                raise ServiceError(f"no ValueSet {url} is served here", 404, "not-found")
+        except ServiceError as error:
+            return error_response(error)
         return fhir_response(found)
 
     async def package(self, request: Request) -> Response:
         try:
             await self.cds.authenticate(request)
-        except AuthError as error:
-            from .app import unauthorized
-
-            return unauthorized(error)
-        from .app import BodyTooLarge
-
-        try:
             _, body = await self.cds.read_json(request)
             parsed = parse_input(body)
             context = await self.context(parsed.context) if parsed.context else None
@@ -125,12 +134,8 @@ class DtrRoutes:
                                    "(unknown, or expired)", status=404, code="not-found")
             packager = self.packager  # one policy generation answers the whole call
             return fhir_response(packager.package(parsed, context, self.base(request)))
-        except BodyTooLarge:
-            return operation_outcome(413, "the request body is too large", "too-costly")
-        except RequestError as error:
-            return operation_outcome(error.status, str(error), error.code)
-        except PackageError as error:
-            return operation_outcome(error.status, str(error), error.code)
+        except ServiceError as error:
+            return error_response(error)
 
     @staticmethod
     def _same_patient(coverage: Mapping[str, Any], context: Mapping[str, Any]) -> bool:
