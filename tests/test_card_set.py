@@ -15,7 +15,7 @@ from starlette.testclient import TestClient
 from cds_service.hooks.service import CoverageService, HookResult
 
 from .crd_profile import coverage_extensions
-from .support import FIXTURES, SERVICE_FOR_HOOK, hook_request, load, scenario_request
+from .support import FIXTURES, SERVICE_FOR_HOOK, coverage_extension, hook_request, load, scenario_request
 
 TEMP_CARD_TYPE = "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp"
 NO_TRIAL = load(FIXTURES / "scenarios/mp442-chronic-pain-no-trial.json")
@@ -163,3 +163,21 @@ def test_an_order_that_is_not_a_crd_order_gets_no_not_assessed_information(servi
     drug["authoredOn"] = "2026-06-01"
     [action] = run(service, hook_request([drug], prefetch={})).response["systemActions"]
     assert action["resource"] == {**drug, "extension": action["resource"]["extension"]}
+
+
+def test_the_result_names_each_card_with_its_decision_and_coverage_assertion(service: CoverageService) -> None:
+    """What the audit keeps of the cards comes from the service, not from reading the response back: every
+    card sent, the decision behind it, and the coverage-assertion-id of its order's coverage information."""
+    body = scenario_request(NO_TRIAL)
+    body["context"]["draftOrders"]["entry"].append({"resource": scenario_request(KETAMINE)["context"]["draftOrders"]
+                                                    ["entry"][0]["resource"]})
+    result = run(service, body)
+    assert [c.card for c in result.cards] == result.response["cards"] and len(result.cards) >= 2
+    assertions = {a["resource"]["resourceType"] + "/" + a["resource"]["id"]:
+                  coverage_extension(a["resource"])["coverage-assertion-id"]["valueString"]
+                  for a in result.response["systemActions"]}
+    for issued in result.cards:
+        reference = issued.card["extension"]["davinci-crd.associated-resource"][0]["reference"]
+        assert issued.decision.order_reference == reference and issued.decision in result.decisions
+        assert issued.assertion_id == assertions[reference]
+    assert {c.decision.policy_id for c in result.cards} == {"MP-442", "MP-446"}

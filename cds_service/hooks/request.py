@@ -9,6 +9,7 @@ from typing import Any
 
 from ..errors import ServiceError
 from ..fhir.bundles import resources_in
+from ..jsonutil import dumps
 from .versions import DEFAULT as DEFAULT_VERSION
 from .versions import REQUESTED_VERSION, CrdVersion, requested_version, unsupported_version_message
 
@@ -206,6 +207,15 @@ def redact(body: Any) -> Any:
     if not isinstance(body, Mapping) or not any(_is_authorization(key) for key in body):
         return body
     return {key: _redacted(value) if _is_authorization(key) else value for key, value in body.items()}
+
+
+def stored_request(raw: bytes | None, body: Any) -> bytes | None:
+    """The request as the audit keeps it: the bytes as received, or, when it has a ``fhirAuthorization``
+    key, re-serialised with that value redacted (:func:`redact`); None when the body was not a JSON object."""
+    if not isinstance(body, Mapping):
+        return None
+    redacted = redact(body)
+    return raw if redacted is body and raw is not None else dumps(redacted)
 
 
 def _is_authorization(key: object) -> bool:

@@ -26,7 +26,6 @@ from ..fhir.bundles import is_operation_outcome
 from ..fhir.client import FhirClient, ReadLimits
 from ..fhir.gather import ClientFactory, DataNeed, gather_record
 from ..fhir.record import PatientRecord
-from ..storage.dtr_contexts import context_row
 from ..urls import Allowlist, fhir_server_problem
 from .cards import CardRenderer
 from .coverage_info import (
@@ -98,21 +97,50 @@ class Settings:
     payer_identifiers: tuple[PayerIdentifier, ...] = ()
 
 
-@dataclass
+@dataclass(frozen=True)
+class IssuedCard:
+    """A card as sent, the decision behind it, and the coverage assertion its order's coverage information
+    carries (feedback on the card is linked to the decision through it)."""
+
+    card: dict[str, Any]
+    decision: Decision
+    assertion_id: str
+
+
+@dataclass(frozen=True)
+class DocumentationContext:
+    """What a DTR ``$questionnaire-package`` request will need of a conditional decision with a form, kept
+    by its coverage-assertion-id: the policy, the form, the patient, the order, and ``context`` (the form's
+    version, the sections, what was missing, the answers pre-filled from the record)."""
+
+    assertion_id: str
+    policy_id: str
+    form_id: str
+    patient_id: str
+    order_reference: str
+    context: Mapping[str, Any]
+
+
+@dataclass(frozen=True)
 class HookResult:
-    """The response to send, and what the audit log keeps of the decisions."""
+    """What one hook call issued: the response to send and, for the audit and the metrics, every decision,
+    each card with its decision, and the documentation contexts of the decisions that point to a form."""
 
     response: dict[str, Any]
     request: HookRequest
     decisions: list[Decision] = field(default_factory=list)
-    card_decisions: dict[str, str] = field(default_factory=dict)  # card uuid -> coverage-assertion-id
-    #: what a DTR $questionnaire-package request will need, per conditional decision with a form
-    dtr_contexts: list[dict[str, Any]] = field(default_factory=list)
+    cards: list[IssuedCard] = field(default_factory=list)
+    dtr_contexts: list[DocumentationContext] = field(default_factory=list)
 
     @property
     def crd_version(self) -> str:
         """The CRD version the answer follows (for the audit)."""
         return self.request.version.label
+
+    @property
+    def orders(self) -> list[str]:
+        """The orders of the call, as ``type/id`` (for order-dispatch, the dispatched orders as read)."""
+        return [f"{o.get('resourceType', '?')}/{o.get('id')}" for o in self.request.draft_orders]
 
 
 @dataclass(frozen=True)
@@ -401,7 +429,6 @@ class CoverageService:
             documentation = await self.documented(request, access, base_url)
             if documentation.sources or documentation.notes:
                 scope = self.in_scope(request, decidables, fetched, documentation)
-        result = HookResult(response=self._answer([], [], request.hook), request=request)
         unreadable = self.unreadable(scope) if scope.items else {}
         readable = [item.policy for item in scope.items if not unreadable[item.order.reference]]
         policies = list({policy.id: policy for policy in readable}.values())
@@ -417,12 +444,12 @@ class CoverageService:
                 record = await self.gather(request, self.coverage_needs, access)
             self.check_payer(request, record)
         if not scope.items and request.hook not in PRIMARY_HOOKS:
-            return result
+            return HookResult(self._answer([], [], request.hook), request)
         record = record or PatientRecord()
         if len(scope.items) * (record.size() + 1) < _INLINE_WORK:
-            return self.respond(request, scope, unreadable, record, base_url, result)
+            return self.respond(request, scope, unreadable, record, base_url)
         # a large decision runs in a worker thread, so that the event loop keeps answering other calls
-        return await asyncio.to_thread(self.respond, request, scope, unreadable, record, base_url, result)
+        return await asyncio.to_thread(self.respond, request, scope, unreadable, record, base_url)
 
     @staticmethod
     def _answer(cards: list[dict[str, Any]], actions: list[dict[str, Any]], hook: str) -> dict[str, Any]:
@@ -431,7 +458,9 @@ class CoverageService:
         return {"cards": cards, **({"systemActions": actions} if actions or hook in PRIMARY_HOOKS else {})}
 
     def respond(self, request: HookRequest, scope: Scope, unreadable: Mapping[str, list[str]],
-                record: PatientRecord, base_url: str, result: HookResult) -> HookResult:
+                record: PatientRecord, base_url: str) -> HookResult:
+        """Decide every in-scope order and answer: per decided order a coverage information update and its
+        cards; on the primary hooks, coverage information for every other order too (hook-16)."""
         version = request.version
         advisory_only = request.hook == "order-select"
         wanted = request.configuration.get("coverage-info", True) is not False
@@ -439,13 +468,15 @@ class CoverageService:
         coverage = self._coverage_reference(record)
         for medication in record.raw_of_type("Medication"):  # read from the FHIR server with the record
             scope.medications.add(medication)
-        cards: list[dict[str, Any]] = []
+        decisions: list[Decision] = []
+        cards: list[IssuedCard] = []
+        contexts: list[DocumentationContext] = []
         annotated: dict[str, dict[str, Any]] = {}
         for item in scope.items:
             decision = self._decide(item, scope, unreadable, record)
             shown_notes = list(decision.notes)
             decision.notes.extend([*request.notes, *scope.notes.get(item.order.reference, [])])
-            result.decisions.append(decision)
+            decisions.append(decision)
             if not decision.decided:
                 continue
             assertion_id = new_assertion_id()
@@ -465,14 +496,14 @@ class CoverageService:
                 questionnaire=link.canonical if link is not None else None,
             )
             if link is not None:
-                result.dtr_contexts.append(context_row(
+                contexts.append(DocumentationContext(
                     assertion_id, item.policy.id, link.form.id, request.patient_id, decision.order_reference,
                     self.documentation.context(decision, link, record, order_coverage)))
             target = item.target if item.target is not None else item.order.raw
             reference = decision.order_reference
             annotated[reference] = annotated_order(annotated.get(reference, dict(target)), extension)
             if wanted:
-                for card in self.renderer.cards(
+                cards.extend(IssuedCard(card, decision, assertion_id) for card in self.renderer.cards(
                     decision,
                     trigger_label=item.match.trigger.label,
                     order_label=f"{item.match.trigger.label} ({item.order.code.label()})",
@@ -483,17 +514,15 @@ class CoverageService:
                     coverage_known=order_coverage is not UNKNOWN_COVERAGE,
                     notes=shown_notes,
                     documentation_form=link.line if link is not None else None,
-                ):
-                    cards.append(card)
-                    result.card_decisions[card["uuid"]] = assertion_id
+                ))
         if request.hook in PRIMARY_HOOKS:
-            self._not_assessed(request, scope, result.decisions, annotated, coverage, today, record.unavailable)
+            self._not_assessed(request, scope, decisions, annotated, coverage, today, record.unavailable)
         actions = []
         if wanted or not version.configuration_covers_system_actions:
             actions = [{"type": "update", "description": f"Add coverage information to {reference}",
                         "resource": resource} for reference, resource in annotated.items()]
-        result.response = self._answer(cards, actions, request.hook)
-        return result
+        return HookResult(self._answer([c.card for c in cards], actions, request.hook), request, decisions,
+                          cards, contexts)
 
     def _not_assessed(self, request: HookRequest, scope: Scope, decisions: Sequence[Decision],
                       annotated: dict[str, dict[str, Any]], coverage: Mapping[str, Any], today: str,

@@ -38,12 +38,13 @@ from ..hooks.feedback import parse_feedback
 from ..hooks.generations import Generation, RunDirectory
 from ..hooks.payer import PayerIdentifier
 from ..hooks.policy_page import CONTENT_SECURITY_POLICY, policy_page
-from ..hooks.request import RequestError, redact
+from ..hooks.request import RequestError, stored_request
 from ..hooks.service import SERVICES, CoverageService, HookResult, Settings
 from ..jsonutil import JSONDecodeError, JSONTooDeep, dumps, loads
 from ..observability import logs, metrics
 from ..observability.labels import auth_refusal_label, override_reason_label, service_label
 from ..paths import data_dir
+from ..storage.dtr_contexts import context_row
 from ..storage.replay import ReplayGuard
 from ..storage.store import AuditRecord, Store
 from ..urls import is_loopback
@@ -215,28 +216,9 @@ class CdsApp:
 
     async def audit(self, service_id: str, raw: bytes | None, body: Any, result: HookResult | None,
                     principal: Principal | None, response: Response, received: dt.datetime, started: float) -> None:
-        """Hand the call's audit record to the store, as compact serialised JSON: the request as received
-        (re-serialised with fhirAuthorization redacted when it has one, see ``redact``) and the response as sent."""
-        request_json: bytes | None = None
-        if isinstance(body, Mapping):
-            redacted = redact(body)
-            request_json = raw if redacted is body and raw is not None else dumps(redacted)
+        """Hand the call's audit record to the store, as compact serialised JSON: the request as the service
+        may keep it (``stored_request``), the response as sent, and what the service says it issued."""
         context = body.get("context") if isinstance(body, Mapping) else None
-        cards: list[dict[str, Any]] = []
-        decisions: list[dict[str, Any]] = []
-        if result is not None:
-            decisions = [d.explain() for d in result.decisions]
-            by_order = {d.order_reference: d for d in result.decisions if d.decided}
-            for card in result.response.get("cards", []):
-                ref = card["extension"]["davinci-crd.associated-resource"][0]["reference"]
-                decision = by_order.get(ref)
-                if decision is not None:
-                    cards.append({
-                        "card_uuid": card["uuid"], "hook_instance": result.request.hook_instance,
-                        "coverage_assertion_id": result.card_decisions[card["uuid"]],
-                        "policy_id": decision.policy_id, "order_reference": ref,
-                        "outcome": decision.outcome.value, "created_at": received,
-                    })
         record = AuditRecord(
             received_at=received,
             service_id=service_id,
@@ -246,14 +228,17 @@ class CdsApp:
             patient_id=_text(context, "patientId"),
             status_code=response.status_code,
             latency_ms=(time.perf_counter() - started) * 1000,
-            orders=[o.get("resourceType", "?") + "/" + str(o.get("id")) for o in result.request.draft_orders]
-            if result else [],
-            decisions=dumps(decisions),
+            orders=result.orders if result is not None else [],
+            decisions=dumps([d.explain() for d in result.decisions] if result is not None else []),
             response=bytes(response.body) if response.body else None,
-            request=request_json,
-            cards=cards,
+            request=stored_request(raw, body),
+            cards=[{"card_uuid": c.card["uuid"], "hook_instance": result.request.hook_instance,
+                    "coverage_assertion_id": c.assertion_id, "policy_id": c.decision.policy_id,
+                    "order_reference": c.decision.order_reference, "outcome": c.decision.outcome.value,
+                    "created_at": received} for c in result.cards] if result is not None else [],
             crd_version=result.crd_version if result is not None else None,
-            dtr_contexts=result.dtr_contexts if result is not None else [],
+            dtr_contexts=[context_row(c.assertion_id, c.policy_id, c.form_id, c.patient_id, c.order_reference,
+                                      c.context) for c in result.dtr_contexts] if result is not None else [],
         )
         await self.store.hand_off(record)
 
