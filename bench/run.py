@@ -31,9 +31,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench.loadgen import run_load  # noqa: E402
 from bench.stages import measure  # noqa: E402
-from cds_service.engine.policy import load_policies  # noqa: E402
-from cds_service.hooks.service import CoverageService, Settings  # noqa: E402
-from cds_service.paths import data_dir  # noqa: E402
+from cds_service.config import Config  # noqa: E402
+from cds_service.hooks.service import CoverageService  # noqa: E402
 
 PATH = "/cds-services/coverage-requirements-order-sign"
 
@@ -41,7 +40,7 @@ PATH = "/cds-services/coverage-requirements-order-sign"
 def prefetch_keys() -> dict[str, str]:
     """Resource type -> the prefetch key the service advertises for it (its discovery document's templates,
     ``Type?patient=...``), so that the requests fill every key the service expects."""
-    service = CoverageService(load_policies(data_dir("policies")), data_dir("cards"), Settings(payer_name="bench"))
+    service = CoverageService.from_config(Config())
     sign = next(s for s in service.discovery()["services"] if PATH.endswith(s["id"]))
     keys: dict[str, str] = {}
     for key, template in sign["prefetch"].items():

@@ -16,11 +16,9 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ENV_CONFIG, ENV_HEADER_READ_TIMEOUT, ENV_RUN_DIR, Config, ConfigError, load_config, metrics_token
-from .engine.decision import Decision
-from .engine.policy import PolicyError, load_policies
-from .errors import ServiceError, operation_outcome
-from .hooks.service import SERVICES, CoverageService, Settings
+from .config import ENV_CONFIG, ENV_HEADER_READ_TIMEOUT, ENV_RUN_DIR, Config, load_config, metrics_token
+from .errors import ServiceError, SetupError, operation_outcome
+from .hooks.service import SERVICES, CoverageService
 from .jsonutil import JSONDecodeError, dumps, loads
 from .observability.logs import ENV_LOG_FORMAT
 from .observability.logs import configure as configure_logging
@@ -176,36 +174,9 @@ def cmd_policy_reload(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def explain_text(decisions: Sequence[Decision]) -> str:
-    lines = []
-    for d in decisions:
-        lines.append(f"{d.order_reference}: {d.policy_id} -> {d.outcome.value} (rule {d.rule_id})")
-        lines.append(f"  policy version: {d.policy_version}")
-        lines.append(f"  clause: {d.clause}")
-        lines.append(f"  reason: {d.reason}")
-        if d.indication:
-            lines.append(f"  indication: {d.indication}")
-        for e in d.evidence:
-            lines.append(f"  evidence: {e.reference}: {e.finding}")
-        for m in d.missing:
-            lines.append(f"  missing: {m}")
-        for n in d.notes:
-            lines.append(f"  note: {n}")
-        for s in d.skipped_resources:
-            lines.append(f"  skipped resource: {s}")
-        tried = ", ".join(f"{t.rule_id}{'*' if t.applied else ''}" for t in d.trace)
-        lines.append(f"  rules tried (* applied): {tried}")
-    return "\n".join(lines)
-
-
 def cmd_evaluate(args: argparse.Namespace) -> int:
     config = _config(args)
-    service = CoverageService(
-        load_policies(data_dir("policies", config.service.policies_dir)),
-        data_dir("cards", config.service.cards_dir),
-        Settings(payer_name=config.service.payer_name, public_base_url=config.service.public_base_url,
-                 contact_fhir_servers=False),
-    )
+    service = CoverageService.from_config(config, offline=True)
     base_url = config.service.public_base_url or "http://127.0.0.1:8080"
     status = 0
     for name in args.requests:
@@ -216,7 +187,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             result = asyncio.run(service.handle(service_id, body, base_url))
             _print_json(result.response)
             if args.explain:
-                print(explain_text(result.decisions) or "(no order in scope of any policy)")
+                print("\n".join(d.explain_text() for d in result.decisions) or "(no order in scope of any policy)")
         except (OSError, JSONDecodeError) as error:
             _print_json(operation_outcome(f"{name}: cannot read a JSON request: {type(error).__name__}"))
             status = 1
@@ -243,11 +214,11 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
     config = _config(args)
     directory = Path(args.policies) if args.policies else data_dir("policies", config.service.policies_dir)
     try:
-        policies = load_policies(directory)
-    except (PolicyError, OSError) as error:
+        loaded = CoverageService.from_config(config, policies_dir=directory, offline=True)
+    except (SetupError, OSError) as error:
         print(f"FAIL  policies in {directory} do not load: {error}")
         return 1
-    print(f"ok    policies in {directory}: " + ", ".join(p.version for p in policies.policies))
+    print(f"ok    policies in {directory}: " + ", ".join(p.version for p in loaded.policies.policies))
     scenarios = Path(args.scenarios) if args.scenarios else default_scenarios_dir()
     if scenarios is None:
         print("no scenarios checked: no fixtures/scenarios here (give --scenarios DIR)")
@@ -257,14 +228,12 @@ def cmd_policy_check(args: argparse.Namespace) -> int:
         print(f"FAIL  no scenario files (*.json) in {scenarios}" if scenarios.is_dir() else
               f"FAIL  {scenarios} is not a directory")
         return 1
-    cards = data_dir("cards", config.service.cards_dir)
     services: dict[dt.date, CoverageService] = {}
 
     def service_for(day: dt.date) -> CoverageService:
         if day not in services:
-            services[day] = CoverageService(policies, cards, Settings(payer_name=config.service.payer_name,
-                                                                      contact_fhir_servers=False),
-                                            today=lambda: day)
+            services[day] = CoverageService.from_config(config, policies=loaded.policies, offline=True,
+                                                        today=lambda: day)
         return services[day]
 
     failed = 0
@@ -430,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, PolicyError) as error:
+    except SetupError as error:
         print(f"cds-service: {error}", file=sys.stderr)
         return 2
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import SetupError
 from .urls import UrlError, canonical_url, loopback_or_https_problem
 
 ENV_CONFIG = "CDS_SERVICE_CONFIG"
@@ -19,7 +20,7 @@ ENV_RUN_DIR = "CDS_SERVICE_RUN_DIR"  # set by `cds-service serve` for its worker
 DEFAULT_DATABASE = "sqlite:///cds-service.sqlite3"
 
 
-class ConfigError(ValueError):
+class ConfigError(SetupError):
     """The configuration is not valid; the message names the key."""
 
 

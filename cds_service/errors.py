@@ -1,4 +1,5 @@
-"""One error vocabulary for everything a call can be refused for.
+"""One error vocabulary for everything a call can be refused for (and, apart, :class:`SetupError`: files the
+service cannot start with).
 
 A :class:`ServiceError` carries the message for the client, the HTTP status and the FHIR OperationOutcome
 issue code (http://hl7.org/fhir/issue-type) to answer with; :meth:`ServiceError.body` is the OperationOutcome
@@ -29,6 +30,11 @@ class ServiceError(Exception):
     def body(self) -> dict[str, Any]:
         """What the client is told: an OperationOutcome naming the problem."""
         return operation_outcome(str(self), self.code)
+
+
+class SetupError(ValueError):
+    """A configuration or policy file the service cannot start with (or reload): the message names the file
+    and the place. Never an answer to a call: the service stops, or keeps what it serves."""
 
 
 def operation_outcome(message: str, code: str = "invalid") -> dict[str, Any]:

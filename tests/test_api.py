@@ -12,8 +12,7 @@ from starlette.testclient import TestClient
 
 from cds_service.web.app import create_app
 
-from .conftest import make_config
-from .support import FIXTURES, HOOK_CORPUS, SERVICE_FOR_HOOK, hook_request, load, scenario_request
+from .support import FIXTURES, HOOK_CORPUS, SERVICE_FOR_HOOK, hook_request, load, make_config, scenario_request
 
 SIGN = "/cds-services/coverage-requirements-order-sign"
 SELECT = "/cds-services/coverage-requirements-order-select"
@@ -54,6 +53,12 @@ def test_discovery_lists_a_service_per_hook(client: TestClient) -> None:
             assert "{{context.patientId}}" in query or ".resolve().ofType(" in query, key
         observations = service["prefetch"]["observations"]
         assert "Observation?patient={{context.patientId}}&code=http://loinc.org|72514-3" in observations
+        # what the EHR must grant names every type the templates search (the same searches the service runs)
+        searched = {query.split("?", 1)[0] for query in service["prefetch"].values()}
+        granted = set(service["usageRequirements"].split(" granting search of ", 1)[1].split(" for the patient")[0]
+                      .replace(" and ", ", ").split(", "))
+        assert searched | {"Medication"} == granted
+        assert ("QuestionnaireResponse" in searched) is (hook != "order-select")
         options = service["extension"]["davinci-crd.configuration-options"]
         assert any(o["type"] == "boolean" and o["code"] == "coverage-info" for o in options)
     no_nulls_or_empty_lists(response.json())

@@ -4,7 +4,6 @@ always present on order-sign, EHR text that cannot become a link, and the policy
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import re
 from typing import Any
@@ -12,10 +11,10 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from cds_service.hooks.service import CoverageService, HookResult
+from cds_service.hooks.service import CoverageService
 
 from .crd_profile import coverage_extensions
-from .support import FIXTURES, SERVICE_FOR_HOOK, coverage_extension, hook_request, load, scenario_request
+from .support import FIXTURES, coverage_extension, hook_request, load, run, scenario_request
 
 TEMP_CARD_TYPE = "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp"
 NO_TRIAL = load(FIXTURES / "scenarios/mp442-chronic-pain-no-trial.json")
@@ -24,10 +23,6 @@ WALKER = {"resourceType": "DeviceRequest", "id": "w", "status": "draft", "intent
           "codeCodeableConcept": {"coding": [{"system": "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets",
                                               "code": "E0130"}]}, "subject": {"reference": "Patient/p1"},
               "authoredOn": "2026-06-01", "requester": {"reference": "Practitioner/dr1"}}
-
-
-def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
-    return asyncio.run(service.handle(SERVICE_FOR_HOOK[body["hook"]], body, "https://cds.example.org"))
 
 
 def for_order(cards: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:

@@ -22,7 +22,7 @@ from cds_service.engine.policy import PolicySet
 from cds_service.hooks.service import CoverageService
 
 from .dtr_client import FhirServer, answers
-from .support import FIXTURES, ROOT, SCENARIOS, SERVICE_FOR_HOOK, load, scenario_request
+from .support import FIXTURES, ROOT, SCENARIOS, SERVICE_FOR_HOOK, load, make_config, scenario_request
 
 FORMS = ROOT / "policies" / "forms"
 
@@ -171,7 +171,6 @@ def test_the_draft_and_a_clients_fhirpath_agree_on_the_chart(request_name: str, 
 
     from cds_service.web.app import create_app
 
-    from .conftest import make_config
     from .dtr_client import PACKAGE, SIGN, bundle_of, coverage_info, hook, package_request
 
     record = load(FIXTURES / "dtr" / f"{record_name}.json")

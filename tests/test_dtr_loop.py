@@ -16,7 +16,6 @@ from starlette.testclient import TestClient
 from cds_service.storage.store import Store
 from cds_service.web.app import create_app
 
-from .conftest import make_config
 from .dtr_client import (
     PACKAGE,
     SIGN,
@@ -29,6 +28,7 @@ from .dtr_client import (
     package_request,
     pick,
 )
+from .support import make_config
 
 PUMP = "order-sign-pump-chronic-pain-no-trial"
 KETAMINE = "order-sign-ketamine-route-not-stated"

@@ -19,9 +19,8 @@ from cds_service.storage.dtr_contexts import dtr_context
 from cds_service.storage.store import Store
 from cds_service.web.app import create_app
 
-from .conftest import make_config
 from .dtr_client import PACKAGE, SIGN, bundle_of, coverage_info, hook, package_request
-from .test_auth import ES, auth_config, jwks  # noqa: F401  (the fixture)
+from .support import ES, auth_config, make_config
 
 PUMP = "order-sign-pump-chronic-pain-no-trial"
 
@@ -152,7 +151,7 @@ def test_draft_answers_are_never_logged(app: TestClient, caplog: pytest.LogCaptu
 
 
 def test_the_package_needs_a_token_whose_audience_is_the_operation(sqlite_url: str,
-                                                                   jwks: respx.MockRouter) -> None:  # noqa: F811
+                                                                   jwks: respx.MockRouter) -> None:
     with TestClient(create_app(auth_config(sqlite_url))) as secured:
         request = {"resourceType": "Parameters", "parameter": [
             {"name": "coverage", "resource": {"resourceType": "Coverage", "id": "c"}},
@@ -181,8 +180,8 @@ def test_contexts_are_written_by_the_audit_writer(sqlite_url: str) -> None:
 @pytest.mark.parametrize("name", [PUMP, "order-sign-ketamine-route-not-stated",
                                   "order-sign-pump-spasticity-no-baclofen-history"])
 def test_conditional_answers_name_the_form_in_both_crd_versions(service: Any, name: str, version: str) -> None:
-    from .support import FIXTURES, load
-    from .test_coverage_profile import assert_valid, in_version, run
+    from .crd_profile import assert_valid, in_version
+    from .support import FIXTURES, load, run
 
     parts = assert_valid(run(service, in_version(load(FIXTURES / "requests" / f"{name}.json"), version)), version)
     (conditional,) = [p for p in parts if p["covered"]["valueCode"] == "conditional"]

@@ -21,8 +21,7 @@ from cds_service.observability.logs import JsonFormatter, logging_config
 from cds_service.storage.store import Store
 from cds_service.web.app import create_app
 
-from .conftest import make_config
-from .support import FIXTURES, SCENARIOS, coverage_extension, load, scenario_request
+from .support import FIXTURES, SCENARIOS, coverage_extension, load, make_config, scenario_request
 
 SIGN = "/cds-services/coverage-requirements-order-sign"
 KETAMINE = load(FIXTURES / "scenarios/mp446-ketamine-iv-chronic-pain.json")

@@ -13,7 +13,6 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from prometheus_client.parser import text_string_to_metric_families
 from starlette.testclient import TestClient
 
 import cds_service.auth
@@ -23,18 +22,12 @@ from cds_service.storage.records import AuditRecord
 from cds_service.storage.spool import SPOOL_FULL
 from cds_service.web.app import create_app
 
-from .conftest import make_config
-from .support import FIXTURES, load, scenario_request
+from .support import FIXTURES, load, make_config, samples, scenario_request
 
 SIGN = "/cds-services/coverage-requirements-order-sign"
 KETAMINE = load(FIXTURES / "scenarios/mp446-ketamine-iv-chronic-pain.json")
 LOCAL = ("127.0.0.1", 40000)
 FHIR = "https://ehr.example.org/fhir"
-
-
-def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
 
 
 def value(client: TestClient, name: str, **labels: str) -> float:

@@ -4,7 +4,6 @@ changed."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import uuid
 from typing import Any
@@ -14,20 +13,16 @@ import pytest
 import respx
 
 from cds_service.fhir.gather import DataUnavailable
-from cds_service.hooks.service import CoverageService, HookResult
+from cds_service.hooks.service import CoverageService
 
 from .crd_profile import CI_URL, coverage_extensions, coverage_information_errors
-from .support import FIXTURES, SERVICE_FOR_HOOK, load, prefetch_for, scenario_request, searchset
+from .support import FIXTURES, load, prefetch_for, run, scenario_request, searchset
 
 TRIAL = load(FIXTURES / "scenarios/mp442-chronic-pain-successful-trial.json")
 PUMP = next(o for o in TRIAL["orders"] if o["resourceType"] == "ServiceRequest")
 DRUG = next(o for o in TRIAL["orders"] if o["resourceType"] == "MedicationRequest")
 PUMP_ONLY = {**TRIAL, "orders": [PUMP]}  # without the drug order, the pump's route is not known
 FHIR = "https://ehr.example.org/fhir"
-
-
-def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
-    return asyncio.run(service.handle(SERVICE_FOR_HOOK[body["hook"]], body, "https://cds.example.org"))
 
 
 def hook_body(hook: str, context: dict[str, Any], prefetch: dict[str, Any], version: str | None = "2.2") -> Any:

@@ -24,10 +24,8 @@ from cds_service.hooks.generations import RunDirectory, listener_dir
 from cds_service.paths import data_dir
 from cds_service.web.app import create_app
 
-from .conftest import make_config
 from .serverproc import ServerProcess
-from .support import FIXTURES, hook_request, load
-from .test_metrics import samples
+from .support import FIXTURES, hook_request, load, make_config, samples
 
 SIGN = "/cds-services/coverage-requirements-order-sign"
 VERSION = re.compile(r"MP-44[26]\|[0-9-]+\|[0-9a-f]{16}")

@@ -15,13 +15,9 @@ from fhir.resources.R4B import get_fhir_model_class
 
 from cds_service.hooks.cards import escape_markdown
 from cds_service.hooks.scenarios import check_run, format_problems, run_scenario, scenario_date
-from cds_service.hooks.service import CoverageService, HookResult
+from cds_service.hooks.service import CoverageService
 
-from .support import FIXTURES, SCENARIOS, SERVICE_FOR_HOOK, coverage_extension, load, scenario_request
-
-
-def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
-    return asyncio.run(service.handle(SERVICE_FOR_HOOK[body["hook"]], body, "https://cds.example.org"))
+from .support import FIXTURES, SCENARIOS, coverage_extension, load, run, scenario_request
 
 
 @pytest.mark.parametrize("path", SCENARIOS, ids=[p.stem for p in SCENARIOS])

@@ -32,10 +32,8 @@ from cds_service.storage.store import Store
 from cds_service.storage.tables import card_decision, feedback, hook_audit
 from cds_service.web.app import create_app
 
-from .conftest import make_config
 from .serverproc import free_port
-from .support import FIXTURES, load, scenario_request
-from .test_storage import cli, write_config
+from .support import FIXTURES, cli, load, make_config, scenario_request, write_config
 
 SIGN = "/cds-services/coverage-requirements-order-sign"
 KETAMINE = load(FIXTURES / "scenarios/mp446-ketamine-iv-chronic-pain.json")

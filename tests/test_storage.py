@@ -6,8 +6,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import httpx
@@ -17,23 +15,11 @@ from starlette.testclient import TestClient
 from cds_service.storage.store import AuditRecord, Store
 from cds_service.web.app import create_app
 
-from .conftest import make_config
 from .serverproc import ServerProcess
-from .support import FIXTURES, load, scenario_request
-from .test_auth import ES, ISS
+from .support import ES, FIXTURES, ISS, cli, load, make_config, scenario_request, write_config
 
 SIGN = "/cds-services/coverage-requirements-order-sign"
 KETAMINE = load(FIXTURES / "scenarios/mp446-ketamine-iv-chronic-pain.json")
-
-
-def write_config(tmp_path: Path, url: str, extra: str = "") -> Path:
-    path = tmp_path / "cds.toml"
-    path.write_text(f'[storage]\nurl = "{url}"\n{extra}')
-    return path
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "cds_service", *args], capture_output=True, text=True, timeout=60)
 
 
 def test_every_hook_call_is_audited(storage_url: str) -> None:

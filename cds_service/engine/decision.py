@@ -141,6 +141,20 @@ class Decision:
     def decided(self) -> bool:
         return self.outcome is not Outcome.OUT_OF_SCOPE
 
+    def explain_text(self) -> str:
+        """The decision trace for a person (``cds-service evaluate --explain``)."""
+        lines = [f"{self.order_reference}: {self.policy_id} -> {self.outcome.value} (rule {self.rule_id})",
+                 f"  policy version: {self.policy_version}", f"  clause: {self.clause}", f"  reason: {self.reason}"]
+        if self.indication:
+            lines.append(f"  indication: {self.indication}")
+        lines.extend(f"  evidence: {e.reference}: {e.finding}" for e in self.evidence)
+        lines.extend(f"  missing: {m}" for m in self.missing)
+        lines.extend(f"  note: {n}" for n in self.notes)
+        lines.extend(f"  skipped resource: {s}" for s in self.skipped_resources)
+        tried = ", ".join(f"{t.rule_id}{'*' if t.applied else ''}" for t in self.trace)
+        lines.append(f"  rules tried (* applied): {tried}")
+        return "\n".join(lines)
+
     def explain(self) -> dict[str, Any]:
         """The decision trace as plain data: which policy, which clause, which resources, what was missing."""
         return {

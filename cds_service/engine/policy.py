@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import SetupError
 from ..terminology import CodeSystems, Concept, TerminologyError, TextRules, ValueSet
 from .context import ConditionStatuses, StatusRule
 from .criteria import ApprovalTable, Criterion, CriterionError, build_criterion, walk
@@ -37,7 +38,7 @@ ENGINE_OUTCOMES = ("indication-missing", "indication-ambiguous", "indication-con
                    "documentation-conflict")
 
 
-class PolicyError(ValueError):
+class PolicyError(SetupError):
     """A policy file is not valid."""
 
 

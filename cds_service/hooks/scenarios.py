@@ -28,7 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from ..dtr import evidence as form_evidence
 from ..engine.decision import GAP_KINDS, Decision, Outcome
+from ..engine.requirements import PREFETCH_KEYS as ENGINE_PREFETCH_KEYS
 from ..errors import ServiceError
 from ..jsonutil import JSONDecodeError, loads
 from .service import SERVICES, CoverageService, HookResult
@@ -37,19 +39,8 @@ from .service import SERVICES, CoverageService, HookResult
 SCENARIO_DATE = dt.date(2026, 6, 1)
 #: the service (endpoint) id for each hook
 SERVICE_FOR_HOOK = {hook: service_id for service_id, hook in SERVICES.items()}
-#: the prefetch key under which each resource type of a scenario's record is sent
-PREFETCH_KEYS = {
-    "Condition": "conditions",
-    "Observation": "observations",
-    "Procedure": "procedures",
-    "MedicationStatement": "medicationStatements",
-    "MedicationRequest": "medicationRequests",
-    "Device": "devices",
-    "MedicationAdministration": "medicationAdministrations",
-    "AllergyIntolerance": "allergies",
-    "Coverage": "coverage",
-    "QuestionnaireResponse": "questionnaireResponses",  # completed documentation forms (DTR)
-}
+#: the prefetch key under which each resource type of a scenario's record is sent: every key discovery advertises
+PREFETCH_KEYS = {**ENGINE_PREFETCH_KEYS, "QuestionnaireResponse": form_evidence.PREFETCH_KEY}
 _EXPECT_KEYS = {"order", "policy", "outcome", "rule", "evidence", "missing_contains", "reason_contains",
                 "missing_count", "text_read", "summary_contains", "summary_excludes"}
 _KEYS = {"description", "hook", "orders", "record", "expect", "selections", "draft_extra", "date"}

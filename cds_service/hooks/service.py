@@ -14,18 +14,21 @@ from typing import Any
 
 import httpx
 
+from ..config import Config
 from ..dtr import evidence as form_evidence
 from ..dtr.documentation import DocumentationForms
 from ..dtr.extract import Documentation, amend, conflicts, extract, sources
 from ..engine.decision import Decision, Gap
 from ..engine.evaluate import decide
 from ..engine.orders import ORDER_TYPES, Medications, OrderFacts, medications_from, order_facts
-from ..engine.policy import Policy, PolicySet, TriggerMatch
+from ..engine.policy import Policy, PolicySet, TriggerMatch, load_policies
 from ..engine.requirements import COVERAGE_NEED_KEY, data_needs, prefetch_templates
+from ..fhir import client as fhir_client
 from ..fhir.bundles import is_operation_outcome
 from ..fhir.client import FhirClient, ReadLimits
 from ..fhir.gather import ClientFactory, DataNeed, gather_record
 from ..fhir.record import PatientRecord
+from ..paths import data_dir
 from ..urls import Allowlist, fhir_server_problem
 from .cards import CardRenderer
 from .coverage_info import (
@@ -85,8 +88,29 @@ _WHAT = {
 }
 
 
+
+def _usage_requirements(prefetch: Mapping[str, str]) -> str:
+    """What discovery asks of an EHR: the resource types its prefetch templates search (the same searches run
+    on the FHIR server when the prefetch lacks them), and the Medications their ``_include`` brings."""
+    types = list(dict.fromkeys(query.split("?", 1)[0] for query in prefetch.values()))
+    if any(":medication" in query for query in prefetch.values()):
+        types.append("Medication")
+    listed = ", ".join(types[:-1]) + " and " + types[-1] if len(types) > 1 else "".join(types)
+    return ("Send the prefetch keys advertised here, or fhirServer with fhirAuthorization granting search of "
+            f"{listed} for the patient (SMART v1 '.read' or v2 '.rs' scopes). Without either, a request with an "
+            "order in scope is answered with HTTP 412. CRD 2.2 answers need extension.davinci-crd.requestedVersion "
+            "= \"2.2\"; without it the answer follows CRD 2.0.1.")
+
+
+def observe_fhir_reads(observer: Callable[[str, float], None]) -> None:
+    """Have ``observer(outcome, seconds)`` called after every search of an EHR's FHIR server (the metrics)."""
+    if observer not in fhir_client.read_observers:
+        fhir_client.read_observers.append(observer)
+
 @dataclass(frozen=True)
 class Settings:
+    """What the service takes from the configuration (see :meth:`CoverageService.from_config`)."""
+
     payer_name: str = "Example Health Plan"
     public_base_url: str | None = None
     fhir_timeout_seconds: float = 3.0
@@ -180,6 +204,11 @@ class FhirAccessPlan:
 
 
 class CoverageService:
+    """The coverage requirements service without HTTP, for one generation of the policy files: discovery, and
+    :meth:`handle`, which answers a hook call (see README, "A hook call, step by step"). The web layer, the
+    command line, the benchmark and the tests build it with :meth:`from_config`; a policy reload builds a new
+    one and swaps it in whole."""
+
     def __init__(self, policies: PolicySet, cards_dir: Path, settings: Settings,
                  transport: httpx.AsyncBaseTransport | None = None,
                  today: Callable[[], dt.date] | None = None) -> None:
@@ -193,13 +222,39 @@ class CoverageService:
         self._transport = transport
         self._today = today or (lambda: dt.datetime.now(dt.UTC).date())
 
+    @classmethod
+    def from_config(cls, config: Config, *, policies_dir: Path | None = None, cards_dir: Path | None = None,
+                    policies: PolicySet | None = None, offline: bool = False,
+                    transport: httpx.AsyncBaseTransport | None = None,
+                    today: Callable[[], dt.date] | None = None) -> CoverageService:
+        """The service a configuration describes. Its policy files are ``policies`` (loaded already), else
+        those in ``policies_dir`` (a policy generation's copy), else the configured or packaged ones, loaded
+        strictly (raises PolicyError); likewise its card templates. ``offline``: never read an EHR's FHIR
+        server (``cds-service evaluate`` and ``policy check``). ``transport``, ``today``: for tests."""
+        service = config.service
+        settings = Settings(
+            payer_name=service.payer_name,
+            public_base_url=service.public_base_url,
+            fhir_timeout_seconds=config.fhir.timeout_seconds,
+            allow_http=config.fhir.allow_http,
+            contact_fhir_servers=not offline,
+            fhir_limits=ReadLimits(config.fhir.max_total_bytes, config.fhir.max_resources),
+            payer_identifiers=tuple(PayerIdentifier.parse(t) for t in service.payer_identifiers),
+        )
+        if policies is None:
+            policies = load_policies(policies_dir or data_dir("policies", service.policies_dir))
+        return cls(policies, cards_dir or data_dir("cards", service.cards_dir), settings, transport=transport,
+                   today=today)
+
     # --- discovery --------------------------------------------------------------------------
 
     def discovery(self) -> dict[str, Any]:
         titles = ", ".join(f"{p.id} ({p.title})" for p in self.policies.policies)
-        prefetch = prefetch_templates(self.all_needs)
+        templates = prefetch_templates(self.all_needs)
         services = []
         for service_id, hook in SERVICES.items():
+            prefetch = {**_REFERENCED_PREFETCH.get(hook, {}), **templates,
+                        **({form_evidence.PREFETCH_KEY: form_evidence.QUERY} if hook != "order-select" else {})}
             services.append({
                 "hook": hook,
                 "id": service_id,
@@ -209,16 +264,8 @@ class CoverageService:
                     "coverage-information systemAction per order in scope, an External Reference card with "
                     "the policy, and an Instructions card when something must be done or documented."
                 ),
-                "prefetch": {**_REFERENCED_PREFETCH.get(hook, {}), **prefetch,
-                             **({form_evidence.PREFETCH_KEY: form_evidence.QUERY} if hook != "order-select" else {})},
-                "usageRequirements": (
-                    "Send the prefetch keys advertised here, or fhirServer with fhirAuthorization granting "
-                    "patient-scoped search of Condition, Observation, Procedure, MedicationStatement, "
-                    "MedicationAdministration, AllergyIntolerance and Coverage (SMART v1 '.read' or v2 '.rs' "
-                    "scopes). Without either, a request with an order in scope is answered with HTTP 412. "
-                    "CRD 2.2 answers need extension.davinci-crd.requestedVersion = \"2.2\"; without it the "
-                    "answer follows CRD 2.0.1."
-                ),
+                "prefetch": prefetch,
+                "usageRequirements": _usage_requirements(prefetch),
                 "extension": {
                     "davinci-crd.version": declared(),
                     "davinci-crd.configuration-options": [

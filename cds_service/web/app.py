@@ -30,20 +30,15 @@ from starlette.routing import Route
 
 from ..auth.jwt import AuthError, JwtAuthenticator, Principal
 from ..config import Config, ConfigError, metrics_token
-from ..engine.policy import load_policies
 from ..errors import ServiceError
-from ..fhir import client as fhir_client
-from ..fhir.client import ReadLimits
 from ..hooks.feedback import parse_feedback
 from ..hooks.generations import Generation, RunDirectory
-from ..hooks.payer import PayerIdentifier
 from ..hooks.policy_page import CONTENT_SECURITY_POLICY, policy_page
 from ..hooks.request import RequestError, stored_request
-from ..hooks.service import SERVICES, CoverageService, HookResult, Settings
+from ..hooks.service import SERVICES, CoverageService, HookResult, observe_fhir_reads
 from ..jsonutil import JSONDecodeError, JSONTooDeep, dumps, loads
 from ..observability import logs, metrics
 from ..observability.labels import auth_refusal_label, override_reason_label, service_label
-from ..paths import data_dir
 from ..storage.dtr_contexts import context_row
 from ..storage.replay import ReplayGuard
 from ..storage.store import AuditRecord, Store
@@ -321,24 +316,6 @@ def _text(data: Any, key: str) -> str | None:
     return None
 
 
-def build_service(config: Config, policies_dir: Path, cards_dir: Path,
-                  fhir_transport: httpx.AsyncBaseTransport | None = None) -> CoverageService:
-    """The service for the policy files and card templates in these directories."""
-    return CoverageService(
-        load_policies(policies_dir),
-        cards_dir,
-        Settings(
-            payer_name=config.service.payer_name,
-            public_base_url=config.service.public_base_url,
-            fhir_timeout_seconds=config.fhir.timeout_seconds,
-            allow_http=config.fhir.allow_http,
-            fhir_limits=ReadLimits(config.fhir.max_total_bytes, config.fhir.max_resources),
-            payer_identifiers=tuple(PayerIdentifier.parse(t) for t in config.service.payer_identifiers),
-        ),
-        transport=fhir_transport,
-    )
-
-
 def _observe_fhir_read(outcome: str, seconds: float) -> None:
     metrics.FHIR_READS.labels(outcome).inc()
     metrics.FHIR_READ_LATENCY.labels(outcome).observe(seconds)
@@ -351,8 +328,7 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
     follower: PolicyFollower | None = None
     generation: Generation | None = None
     if run_dir is None:
-        service = build_service(config, data_dir("policies", config.service.policies_dir),
-                                data_dir("cards", config.service.cards_dir), fhir_transport)
+        service = CoverageService.from_config(config, transport=fhir_transport)
     else:
         run = RunDirectory(run_dir)
         generation = run.current()
@@ -360,13 +336,13 @@ def create_app(config: Config, *, fhir_transport: httpx.AsyncBaseTransport | Non
             raise ConfigError(f"{run_dir}: no policy generation published (cds-service serve publishes the first)")
 
         def build(published: Generation) -> CoverageService:
-            return build_service(config, published.policies_dir, published.cards_dir, fhir_transport)
+            return CoverageService.from_config(config, policies_dir=published.policies_dir,
+                                               cards_dir=published.cards_dir, transport=fhir_transport)
 
         service = build(generation)
         if run.serving_pid() != os.getpid() and threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGHUP, signal.SIG_IGN)  # a worker: reloads are asked of the serving process
-    if _observe_fhir_read not in fhir_client.read_observers:
-        fhir_client.read_observers.append(_observe_fhir_read)
+    observe_fhir_reads(_observe_fhir_read)
     store = Store(config.storage.url, writer=config.storage.audit_writer, spool_dir=config.storage.spool_dir,
                   spool_max_bytes=config.storage.spool_max_bytes,
                   database_timeout=config.storage.database_timeout_seconds, require_database=False)
