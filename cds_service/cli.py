@@ -109,7 +109,7 @@ def _run_uvicorn(args: argparse.Namespace, config: Config, log_config: dict[str,
         timeout_graceful_shutdown=20, http="cds_service.web.protocol:LimitedHttpToolsProtocol",
         limit_concurrency=config.server.limit_concurrency, timeout_keep_alive=config.server.timeout_keep_alive_seconds)
     if args.workers <= 1:
-        signal.signal(signal.SIGHUP, lambda signum, frame: reload_policies())
+        signal.signal(signal.SIGHUP, lambda *_: reload_policies())
         server = uvicorn.Server(settings)
         server.run()
         if not server.started:

@@ -109,7 +109,7 @@ def test_no_audit_record_is_lost_on_sigterm(storage_url: str, tmp_path: Path) ->
     assert "Traceback" not in server.log.read_text()
     store = Store(storage_url)
     try:
-        assert store.audit_count() == 60
+        assert len(list(store.audit_export())) == 60
     finally:
         store.close()
 
@@ -182,7 +182,7 @@ def test_process_writer_flushes_everything_on_close(storage_url: str, tmp_path: 
     store.close()
     check = Store(storage_url, writer="none")
     try:
-        assert check.audit_count() == 100
+        assert len(list(check.audit_export())) == 100
         assert next(check.audit_export())["response"] == {"cards": []}
     finally:
         check.close()

@@ -147,9 +147,6 @@ class Form:
     def item(self, link_id: str) -> Item | None:
         return next((i for i in self.items() if i.link_id == link_id), None)
 
-    def section_of(self, link_id: str) -> Section | None:
-        return next((s for s in self.sections if any(i.link_id == link_id for i in s.items)), None)
-
     def sections_for(self, gaps: Iterable[Gap], rules: Collection[str]) -> list[Section]:
         """The sections that ask for the (non-technical) gaps of a decision (``rules``: the rule that decided and
         those applied on the way, see :func:`rules_of`), in form order."""
@@ -158,10 +155,6 @@ class Form:
             wanted.update(s.id for s in self._asking(gap.kind, gap.about, rules))
         wanted.update(s.id for s in self.sections if set(s.shown_with) & wanted)
         return [s for s in self.sections if s.id in wanted]
-
-    def unasked(self, gaps: Iterable[Gap], rules: Collection[str]) -> list[Gap]:
-        """Gaps no section asks for (technical gaps are never asked)."""
-        return [g for g in gaps if g.kind != "technical" and not self._asking(g.kind, g.about, rules)]
 
     def _asking(self, kind: str, about: str | None, rules: Collection[str]) -> list[Section]:
         if about is not None and about.startswith(SECTION_ABOUT):

@@ -112,7 +112,6 @@ class Rule:
     summaries: Mapping[Outcome, str]
     reasons: Mapping[Outcome, str]
     missing: tuple[str, ...]
-    reasoning: str | None = None
     gap_kind: str = "other"
 
     @property
@@ -141,7 +140,6 @@ class Policy:
     id: str
     title: str
     latest_review: str
-    category: str
     text_path: Path | None
     prior_authorization: str
     triggers: list[Trigger]
@@ -181,7 +179,6 @@ class PolicySet:
     directory: Path
     statuses: ConditionStatuses
     text_rules: TextRules
-    expansion_files: list[Path] = field(default_factory=list)
 
     def get(self, policy_id: str) -> Policy | None:
         return next((p for p in self.policies if p.id == policy_id), None)
@@ -338,6 +335,8 @@ def _rules(where: str, data: Any, lookup: _Lookup) -> list[Rule]:
         if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
             raise PolicyError(f"{place}: 'missing' must be a list of text")
         missing = [_text(f"{place}.missing", m) for m in missing]
+        if "reasoning" in spec:  # for the reader of the file: how it reads the policy text
+            _text(f"{place}.reasoning", spec["reasoning"])
         if outcome is Outcome.CONDITIONAL and not missing and not spec.get("require"):
             raise PolicyError(f"{place}: a conditional outcome must say what is 'missing'")
         gap_kind = str(spec.get("gap_kind", "other"))
@@ -356,7 +355,6 @@ def _rules(where: str, data: Any, lookup: _Lookup) -> list[Rule]:
             summaries=_by_outcome(f"{place}.summary", spec.get("summary"), outcome),
             reasons=reasons,
             missing=tuple(missing),
-            reasoning=_text(f"{place}.reasoning", spec["reasoning"]) if "reasoning" in spec else None,
             gap_kind=gap_kind,
         ))
     if not rules:
@@ -415,7 +413,6 @@ def load_policy(path: Path, shared: _Shared) -> Policy:
         id=policy_id,
         title=_text(f"{where}: policy.title", head["title"]),
         latest_review=latest_review,
-        category=str(head.get("category", "")),
         text_path=text_path,
         prior_authorization=pa,
         triggers=triggers,
@@ -478,4 +475,4 @@ def load_policies(directory: Path) -> PolicySet:
     if len(set(ids)) != len(ids):
         raise PolicyError(f"{directory}: duplicate policy ids {ids}")
     return PolicySet(systems=systems, policies=policies, directory=directory, statuses=shared.statuses,
-                     text_rules=text_rules, expansion_files=expansions.files())
+                     text_rules=text_rules)

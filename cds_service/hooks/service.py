@@ -430,11 +430,6 @@ class CoverageService:
             self._needs[key] = data_needs(policies, self.policies.systems)
         return self._needs[key]
 
-    async def record_for(self, request: HookRequest, policies: Sequence[Policy],
-                         fhir_server_allowlist: Allowlist | None) -> PatientRecord:
-        """The record the given policies read."""
-        return await self.gather(request, self.needs_for(policies), self.fhir_access(request, fhir_server_allowlist))
-
     async def gather(self, request: HookRequest, needs: Sequence[DataNeed], access: FhirAccessPlan,
                      documented: Mapping[str, Any] | None = None) -> PatientRecord:
         """The record for ``needs``; a search the token's scope does not grant is not made (the data is

@@ -39,7 +39,6 @@ AUTH_REFUSALS: tuple[tuple[str, str], ...] = (
     ("tenant is not allowed", "tenant"),
     ("jti is missing", "jti"),
 )
-AUTH_REFUSAL_LABELS = frozenset(label for _, label in AUTH_REFUSALS) | {OTHER}
 
 #: override reason codes are the EHR's: a code counts under its own label only when it looks like a code
 #: and is one of the first MAX_OVERRIDE_CODES distinct codes this process has seen; else ``other``

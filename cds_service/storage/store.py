@@ -192,10 +192,6 @@ class Store:
             connection.execute(jwt_replay.delete().where(jwt_replay.c.expires_at < _utcnow()))
         return int(removed or 0)
 
-    def audit_count(self) -> int:
-        with self.engine.connect() as connection:
-            return int(connection.execute(sa.select(sa.func.count()).select_from(hook_audit)).scalar_one())
-
     # --- feedback ---------------------------------------------------------------------------
 
     def feedback_export(self) -> Iterator[dict[str, Any]]:

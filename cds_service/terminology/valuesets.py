@@ -146,12 +146,6 @@ class ValueSet:
                 listed.setdefault(system_name, []).append(entry)
         self.listed: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in listed.items()}
 
-    @classmethod
-    def of(cls, name: str, title: str, systems: CodeSystems, codes: Mapping[str, Sequence[str]],
-           text: Iterable[str] = (), source: str = "defined in code", **options: object) -> ValueSet:
-        """A value set from one block of codes (tests and ad-hoc sets)."""
-        return cls(name, title, systems, [CodeBlock(source, codes)], text=text, **options)  # type: ignore[arg-type]
-
     def __repr__(self) -> str:
         return f"ValueSet({self.name!r})"
 
