@@ -107,6 +107,8 @@ class LoggingSettings:
 
 @dataclass
 class Config:
+    """The whole configuration, by section; each key is README's (Configuration)."""
+
     service: ServiceSettings = field(default_factory=ServiceSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     fhir: FhirSettings = field(default_factory=FhirSettings)

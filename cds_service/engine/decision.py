@@ -16,6 +16,9 @@ class Status(enum.Enum):
 
 
 class Outcome(enum.StrEnum):
+    """A decision's outcome: covered and not-covered are firm; conditional waits on something (documentation,
+    data that could not be read); out-of-scope means the policy gives no decision (no card)."""
+
     COVERED = "covered"
     NOT_COVERED = "not-covered"
     CONDITIONAL = "conditional"
@@ -92,6 +95,8 @@ class Result:
 
 @dataclass(frozen=True)
 class CriterionTrace:
+    """One criterion of a rule as tried: its kind, its status, in ``when`` or ``require``, and its notes."""
+
     kind: str
     status: Status
     phase: str  # "when" or "require"
@@ -100,6 +105,8 @@ class CriterionTrace:
 
 @dataclass
 class RuleTrace:
+    """One rule as tried (for one candidate indication): whether its ``when`` held, and each criterion."""
+
     rule_id: str
     applied: bool
     criteria: list[CriterionTrace] = field(default_factory=list)

@@ -33,9 +33,18 @@ from .value_set_files import Expansions, ValueSetFileError, load_value_sets
 ORDER_RESOURCES = frozenset({"ServiceRequest", "DeviceRequest", "MedicationRequest"})
 SHARED_FILES = ("code-systems.yaml", "shared-value-sets.yaml", "condition-status.yaml", "text-matching.yaml",
                 "outcomes.yaml")
-ENGINE_OUTCOMES = ("indication-missing", "indication-ambiguous", "indication-conflict", "indication-uncoded",
-                   "diagnosis-unconfirmed", "drug-unidentified", "data-unavailable", "no-rule-applies",
-                   "documentation-conflict")
+# The decisions no single rule makes (their rule ids), each worded by outcomes.yaml
+INDICATION_MISSING = "indication-missing"
+INDICATION_AMBIGUOUS = "indication-ambiguous"
+INDICATION_CONFLICT = "indication-conflict"
+INDICATION_UNCODED = "indication-uncoded"
+DIAGNOSIS_UNCONFIRMED = "diagnosis-unconfirmed"
+DRUG_UNIDENTIFIED = "drug-unidentified"
+DATA_UNAVAILABLE = "data-unavailable"
+NO_RULE = "no-rule-applies"
+DOCUMENTATION_CONFLICT = "documentation-conflict"
+ENGINE_OUTCOMES = (INDICATION_MISSING, INDICATION_AMBIGUOUS, INDICATION_CONFLICT, INDICATION_UNCODED,
+                   DIAGNOSIS_UNCONFIRMED, DRUG_UNIDENTIFIED, DATA_UNAVAILABLE, NO_RULE, DOCUMENTATION_CONFLICT)
 
 
 class PolicyError(SetupError):
@@ -128,6 +137,8 @@ class Rule:
 
 @dataclass(frozen=True)
 class Wording:
+    """How outcomes.yaml words one of the decisions no single rule makes: the clause, the reason, the summary."""
+
     clause: str
     reason: str
     summary: str
@@ -174,6 +185,9 @@ class Policy:
 
 @dataclass
 class PolicySet:
+    """Every policy of a policy directory, with what they share: the code systems, the condition status rules,
+    the text matching rules. One set is one generation of the files (a reload loads a new one)."""
+
     systems: CodeSystems
     policies: list[Policy]
     directory: Path

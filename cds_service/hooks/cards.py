@@ -71,6 +71,8 @@ def _one_line(text: str) -> str:
 
 
 class CardRenderer:
+    """The card templates of one directory (``cards/``), compiled once; :meth:`cards` words a decision's cards."""
+
     def __init__(self, template_dir: Path) -> None:
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(template_dir)),

@@ -60,6 +60,8 @@ def default_run_dir(database_url: str, spool_dir: str | None = None) -> Path:
 
 @dataclass(frozen=True)
 class Generation:
+    """A published copy of the policy files and card templates, numbered, with the versions of its policies."""
+
     number: int
     snapshot: Path
     versions: Mapping[str, str]
@@ -75,6 +77,8 @@ class Generation:
 
 @dataclass(frozen=True)
 class Attempt:
+    """The outcome of the latest reload: the generation it published (or would have), loaded or refused, why."""
+
     number: int
     result: str  # "loaded" | "refused"
     error: str | None = None
@@ -151,6 +155,10 @@ def _now() -> str:
 
 
 class RunDirectory:
+    """The running service's state on disk (``[server] run_dir``, one per listening address): the serving
+    process's pid, the policy generations, the latest reload attempt and each worker's state. ``serve`` and
+    ``policy reload`` write and read it; workers follow it (web/reloading.py)."""
+
     def __init__(self, path: Path) -> None:
         self.path = path
 

@@ -37,6 +37,10 @@ class FhirAccess:
 
 @dataclass
 class HookRequest:
+    """A hook call as read: its hook, instance, patient, orders (the draft orders, the dispatched orders or the
+    appointments), prefetch, FHIR server access, configuration and the CRD version to answer in. ``notes`` say
+    where it was read liberally."""
+
     hook: str
     hook_instance: str
     patient_id: str

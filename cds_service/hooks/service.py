@@ -169,6 +169,9 @@ class HookResult:
 
 @dataclass(frozen=True)
 class InScope:
+    """An order a policy governs: the policy, how its trigger matched, the order as read, and what its coverage
+    information is added to when not the order itself (an Appointment that books a service)."""
+
     policy: Policy
     match: TriggerMatch
     order: OrderFacts

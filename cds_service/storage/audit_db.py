@@ -19,6 +19,8 @@ log = logging.getLogger("cds_service.storage")
 
 
 class AuditDatabase:
+    """One database for the audit: its engine, its schema migrated once, and :meth:`write_records`."""
+
     def __init__(self, url: str, database_timeout: float = 5.0) -> None:
         self.url = url
         self.database_timeout = database_timeout

@@ -41,6 +41,10 @@ def _utcnow() -> dt.datetime:
 
 
 class Store:
+    """The audit log, feedback and JWT replay store on one database, as the serving process uses them: records
+    handed off without waiting for the database (a writer and the spool behind it), readiness, exports,
+    retention and the replay check."""
+
     def __init__(self, url: str, writer: str = "thread", max_queued: int = 64, *,
                  spool_dir: str | Path | None = None, spool_max_bytes: int = DEFAULT_MAX_BYTES,
                  database_timeout: float = 5.0, require_database: bool = True) -> None:

@@ -87,6 +87,9 @@ SPOOL_FIGURES_SECONDS = 2.0  # the longest a scrape waits for the audit spool's 
 
 
 class CdsApp:
+    """The routes of the HTTP interface and what they share: the configuration, the store, the service now
+    serving (swapped whole on a policy reload), the authenticator; authentication, body reading, the base URL."""
+
     def __init__(self, config: Config, store: Store, service: CoverageService,
                  authenticator: JwtAuthenticator | None, metrics_token: str | None = None) -> None:
         self.config = config

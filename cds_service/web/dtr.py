@@ -55,6 +55,8 @@ class Host(Protocol):
 
 
 class DtrRoutes:
+    """The FHIR routes of the documentation forms (see the module), served from the service now serving."""
+
     def __init__(self, cds: Host) -> None:
         self.cds = cds
         self._packager: tuple[CoverageService, Packager] | None = None
