@@ -79,7 +79,7 @@ class DecisionScope:
     """What one decision keeps while its candidate indications are tried: the resource types consulted (data
     that could not be read holds the decision only if it consulted them), results of criteria that do not
     depend on the indication, shared intermediate results, and what was read from free text. Made anew by
-    every call of ``decide``."""
+    every call of ``decide``: the patient record itself is only read."""
 
     consulted: set[str] = field(default_factory=set)
     cache: dict[int, Result] = field(default_factory=dict)
