@@ -140,19 +140,28 @@ def _capped(result: _RuleResult) -> _RuleResult:
 
 
 def _reconcile(results: list[_RuleResult], candidates: Candidates) -> tuple[_RuleResult, list[str]]:
-    """One answer from the candidates' answers, and notes on the others."""
-    first = results[0]
-    keys = {r.key for r in results}
-    outcomes = {r.outcome for r in results}
+    """One answer from the candidates' answers, and notes on the others. The codings of one Condition that lead
+    to the same answer count once; candidates whose answers are the same, or that all wait on the same
+    documentation, give that answer; otherwise the indication is the question."""
+    by_source: dict[tuple[str, tuple[Outcome, str]], _RuleResult] = {}
+    for result in results:
+        by_source.setdefault((result.indication.reference if result.indication else "", result.key), result)
+    distinct = list(by_source.values())
+    first, others = distinct[0], distinct[1:]
+    keys = {r.key for r in distinct}
+    outcomes = {r.outcome for r in distinct}
     if len(keys) == 1 or (len(outcomes) == 1 and first.outcome.firm):
-        notes = ["other candidate indications lead to the same outcome: " + "; ".join(r.describe() for r in results[1:])
-                 ] if len(results) > 1 else []
+        notes = ["other candidate indications lead to the same outcome: " + "; ".join(r.describe() for r in others)
+                 ] if others else []
         return first, notes
-    sources = {r.indication.reference for r in results if r.indication}
+    if outcomes == {Outcome.CONDITIONAL} and len({tuple(sorted(g.text for g in r.gaps)) for r in distinct}) == 1:
+        return first, ["other candidate indications wait on the same documentation: "
+                       + "; ".join(r.describe() for r in others)]
+    sources = {r.indication.reference for r in distinct if r.indication}
     if len(sources) == 1:
         engine = INDICATION_CONFLICT
         text = (f"the indication: the codings of {sources.pop()} point to different decisions ("
-                + "; ".join(r.describe() for r in results) + "); correct the coding or state the indication")
+                + "; ".join(r.describe() for r in distinct) + "); correct the coding or state the indication")
         label = "resolve conflicting codes"
     else:
         engine = INDICATION_AMBIGUOUS
@@ -160,9 +169,9 @@ def _reconcile(results: list[_RuleResult], candidates: Candidates) -> tuple[_Rul
         how = ("each waiting on documentation of its own" if outcomes == {Outcome.CONDITIONAL}
                else "with different decisions")
         text = (f"the indication for this order (reasonCode): {where} more than one, {how}: "
-                + "; ".join(r.describe() for r in results))
+                + "; ".join(r.describe() for r in distinct))
         label = "state the indication"
-    evidence = [e for r in results for e in r.evidence]
+    evidence = [e for r in distinct for e in r.evidence]
     return _RuleResult(None, Outcome.CONDITIONAL, evidence, [Gap(text, label, "indication")], engine=engine), []
 
 
