@@ -18,10 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cds_service.engine.policy import load_policies
+from cds_service.config import Config
 from cds_service.fhir.gather import DataNeed
-from cds_service.hooks.service import CoverageService, Settings
-from cds_service.paths import data_dir
+from cds_service.hooks.service import CoverageService
 
 ROOT = Path(__file__).resolve().parent.parent
 SERVICE_ID = "coverage-requirements-order-sign"
@@ -39,7 +38,7 @@ class Body:
 
 
 def _service() -> CoverageService:
-    return CoverageService(load_policies(data_dir("policies")), data_dir("cards"), Settings(payer_name="bench"))
+    return CoverageService.from_config(Config())
 
 
 def prefetch_keys(service: CoverageService) -> dict[str, str]:

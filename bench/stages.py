@@ -11,10 +11,9 @@ import asyncio
 import gc
 import time
 
-from cds_service.engine.policy import load_policies
-from cds_service.hooks.service import CoverageService, Settings
+from cds_service.config import Config
+from cds_service.hooks.service import CoverageService
 from cds_service.jsonutil import loads
-from cds_service.paths import data_dir
 
 SERVICE_ID = "coverage-requirements-order-sign"
 
@@ -38,8 +37,7 @@ async def decide_ms(service: CoverageService, body: bytes, count: int) -> float:
 
 
 def measure(bodies: dict[str, tuple[int, bytes]], seconds_per_size: float = 3.0) -> dict[str, dict[str, float]]:
-    service = CoverageService(load_policies(data_dir("policies", None)), data_dir("cards", None),
-                              Settings(payer_name="Example Health Plan"))
+    service = CoverageService.from_config(Config())
     gc.collect()
     gc.freeze()
     out: dict[str, dict[str, float]] = {}

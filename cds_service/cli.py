@@ -6,19 +6,24 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import os
+import signal
 import sys
-from collections.abc import Iterator, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ENV_CONFIG, ENV_HEADER_READ_TIMEOUT, Config, ConfigError, load_config
-from .engine.decision import Decision
-from .engine.policy import PolicyError, load_policies
-from .fhir.gather import DataUnavailable
-from .hooks.request import RequestError, operation_outcome_body
-from .hooks.service import SERVICES, CoverageService, Settings
+from .config import ENV_CONFIG, ENV_HEADER_READ_TIMEOUT, ENV_RUN_DIR, Config, load_config, metrics_token
+from .errors import ServiceError, SetupError, operation_outcome
+from .hooks.service import SERVICES, CoverageService
 from .jsonutil import JSONDecodeError, dumps, loads
+from .observability.logs import ENV_LOG_FORMAT
+from .observability.logs import configure as configure_logging
+from .observability.logs import resolve as resolve_log_format
+from .observability.metrics_dir import prepare_metrics_dir
 from .paths import data_dir
 from .urls import is_loopback
 
@@ -36,11 +41,10 @@ def _print_json(value: Any) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    import uvicorn
-
-    from .storage.store import Store
-
     config = _config(args)
+    fmt = resolve_log_format(args.log_format or config.logging.format)
+    os.environ[ENV_LOG_FORMAT] = fmt
+    log_config = configure_logging(fmt, args.log_level)
     if config.auth.mode == "off" and not is_loopback(args.host):
         print(f"refusing to start: authentication is off, so the service may only listen on a loopback "
               f"address, not {args.host}. Configure [auth] mode = \"jwt\" with [[auth.issuers]], "
@@ -52,53 +56,127 @@ def cmd_serve(args: argparse.Namespace) -> int:
               "tokens must name as their audience) or auth.audiences, unless the service listens on a loopback "
               f"address (not {args.host}).", file=sys.stderr)
         return 2
-    load_policies(data_dir("policies", config.service.policies_dir))  # fail fast on a bad policy file
-    # run migrations once, before any worker starts; a database that is away does not stop the service
-    # (it answers hooks without one; the audit writer migrates when the database is back)
-    Store(config.storage.url, writer="none", database_timeout=config.storage.database_timeout_seconds,
-          require_database=False).close()
-    if args.config:
-        os.environ[ENV_CONFIG] = str(Path(args.config).resolve())
-    os.environ[ENV_HEADER_READ_TIMEOUT] = str(config.server.header_read_timeout_seconds)
-    print(f"cds-service: {config.source}; storage {config.storage.url.split('@')[-1]}; auth {config.auth.mode}; "
-          f"http://{args.host}:{args.port}/cds-services", file=sys.stderr)
-    uvicorn.run("cds_service.web.asgi:app_from_environment", factory=True, host=args.host, port=args.port,
-                workers=args.workers, log_level=args.log_level, access_log=False, timeout_graceful_shutdown=20,
-                http="cds_service.web.protocol:LimitedHttpToolsProtocol",
-                limit_concurrency=config.server.limit_concurrency,
-                timeout_keep_alive=config.server.timeout_keep_alive_seconds)
+    metrics_token(config.metrics)  # fail fast on an unreadable token file
+    # every process of this run (workers, audit writers) keeps its metrics in one directory: set before
+    # prometheus_client is first imported (the storage layer imports it)
+    _, remove_metrics_dir = prepare_metrics_dir()
+    from .hooks.generations import RunDirectory, listener_dir, run_dir_of
+    from .storage.store import Store
+
+    policies_dir = data_dir("policies", config.service.policies_dir)
+    cards_dir = data_dir("cards", config.service.cards_dir)
+    run = RunDirectory(listener_dir(run_dir_of(config.server, config.storage), args.host, args.port))
+    try:
+        # the first policy generation: the files loaded strictly (a bad policy file stops the start here)
+        run.start(os.getpid(), policies_dir, cards_dir)
+        # run migrations once, before any worker starts; a database that is away does not stop the service
+        # (it answers hooks without one; the audit writer migrates when the database is back)
+        Store(config.storage.url, writer="none", database_timeout=config.storage.database_timeout_seconds,
+              require_database=False).close()
+        if args.config:
+            os.environ[ENV_CONFIG] = str(Path(args.config).resolve())
+        os.environ[ENV_HEADER_READ_TIMEOUT] = str(config.server.header_read_timeout_seconds)
+        os.environ[ENV_RUN_DIR] = str(run.path)
+
+        def reload_policies() -> None:  # SIGHUP: off the serving thread (loading takes a moment)
+            threading.Thread(target=run.publish, args=(policies_dir, cards_dir), name="cds-policy-reload",
+                             daemon=True).start()
+
+        banner = (f"cds-service: {config.source}; storage {config.storage.url.split('@')[-1]}; auth "
+                  f"{config.auth.mode}; run directory {run.path} (pid {os.getpid()}: SIGHUP reloads the policies); "
+                  f"http://{args.host}:{args.port}/cds-services")
+        if fmt == "json":
+            logging.getLogger("cds_service").info(banner)
+        else:
+            print(banner, file=sys.stderr)
+        _run_uvicorn(args, config, log_config, reload_policies)
+    finally:
+        run.stop(os.getpid())
+        remove_metrics_dir()
     return 0
 
 
-def explain_text(decisions: Sequence[Decision]) -> str:
-    lines = []
-    for d in decisions:
-        lines.append(f"{d.order_reference}: {d.policy_id} -> {d.outcome.value} (rule {d.rule_id})")
-        lines.append(f"  clause: {d.clause}")
-        lines.append(f"  reason: {d.reason}")
-        if d.indication:
-            lines.append(f"  indication: {d.indication}")
-        for e in d.evidence:
-            lines.append(f"  evidence: {e.reference}: {e.finding}")
-        for m in d.missing:
-            lines.append(f"  missing: {m}")
-        for n in d.notes:
-            lines.append(f"  note: {n}")
-        for s in d.skipped_resources:
-            lines.append(f"  skipped resource: {s}")
-        tried = ", ".join(f"{t.rule_id}{'*' if t.applied else ''}" for t in d.trace)
-        lines.append(f"  rules tried (* applied): {tried}")
-    return "\n".join(lines)
+def _run_uvicorn(args: argparse.Namespace, config: Config, log_config: dict[str, Any],
+                 reload_policies: Callable[[], None]) -> None:
+    """uvicorn, as ``uvicorn.run`` runs it, with SIGHUP reloading the policy files: in the one serving
+    process, or with ``--workers N`` in the supervisor (whose own SIGHUP would restart the workers)."""
+    import uvicorn
+    from uvicorn.supervisors import Multiprocess
+
+    settings = uvicorn.Config(
+        "cds_service.web.asgi:app_from_environment", factory=True, host=args.host, port=args.port,
+        workers=args.workers, log_level=args.log_level, log_config=log_config, access_log=False,
+        timeout_graceful_shutdown=20, http="cds_service.web.protocol:LimitedHttpToolsProtocol",
+        limit_concurrency=config.server.limit_concurrency, timeout_keep_alive=config.server.timeout_keep_alive_seconds)
+    if args.workers <= 1:
+        signal.signal(signal.SIGHUP, lambda *_: reload_policies())
+        server = uvicorn.Server(settings)
+        server.run()
+        if not server.started:
+            raise SystemExit(3)  # as uvicorn.run: the app did not start
+        return
+
+    class PolicyReloadingSupervisor(Multiprocess):
+        def handle_hup(self) -> None:
+            logging.getLogger("cds_service.reload").warning("SIGHUP: reloading the policy files")
+            reload_policies()
+
+    PolicyReloadingSupervisor(settings, sockets=[settings.bind_socket()]).run()
+
+
+def cmd_policy_reload(args: argparse.Namespace) -> int:
+    """Ask the running service to reload its policy files (SIGHUP to the pid in its run directory) and wait
+    until every worker serves them, or until the service has refused them."""
+    from .hooks.generations import run_dir_of, running_services
+
+    config = _config(args)
+    base = run_dir_of(config.server, config.storage)
+    services = [r for r in running_services(base) if args.port is None or r.path.name.endswith(f"-{args.port}")]
+    if len(services) != 1:
+        found = ", ".join(r.path.name for r in services)
+        print(f"no running service keeps its state in {base} (is it started with this --config?)" if not services
+              else f"several services run from {base} ({found}): name one with --port", file=sys.stderr)
+        return 1
+    run = services[0]
+    pid = run.serving_pid()
+    if pid is None:
+        print(f"the service of {run.path} has stopped", file=sys.stderr)
+        return 1
+    before = run.attempt()
+    os.kill(pid, signal.SIGHUP)
+    deadline = time.monotonic() + args.timeout
+    while (attempt := run.attempt()) is None or (before is not None and attempt.number <= before.number):
+        if time.monotonic() > deadline:
+            print(f"the service (pid {pid}) did not answer the reload within {args.timeout:g} s", file=sys.stderr)
+            return 1
+        time.sleep(0.05)
+    if attempt.result != "loaded" or attempt.generation is None:
+        print(f"refused: {attempt.error}")
+        kept = ", ".join((attempt.versions or {}).values()) or "-"
+        print(f"the service keeps generation {attempt.generation}: {kept}")
+        return 1
+    while True:
+        workers = run.workers()
+        if workers and all(w.attempted >= attempt.generation for w in workers):
+            break
+        if time.monotonic() > deadline:
+            print(f"generation {attempt.generation} published, but not every worker took it up within "
+                  f"{args.timeout:g} s", file=sys.stderr)
+            break
+        time.sleep(0.05)
+    ok = True
+    for worker in workers:
+        state = "serves" if worker.generation >= attempt.generation else f"refused it ({worker.error}); serves"
+        ok = ok and worker.generation >= attempt.generation
+        print(f"worker {worker.pid}: {state} generation {worker.generation}: {', '.join(worker.versions.values())}")
+    print(f"generation {attempt.generation} loaded: {', '.join((attempt.versions or {}).values())}" if ok else
+          f"generation {attempt.generation} loaded, but not by every worker")
+    return 0 if ok else 1
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     config = _config(args)
-    service = CoverageService(
-        load_policies(data_dir("policies", config.service.policies_dir)),
-        data_dir("cards", config.service.cards_dir),
-        Settings(payer_name=config.service.payer_name, public_base_url=config.service.public_base_url,
-                 contact_fhir_servers=False),
-    )
+    service = CoverageService.from_config(config, offline=True)
     base_url = config.service.public_base_url or "http://127.0.0.1:8080"
     status = 0
     for name in args.requests:
@@ -109,14 +187,61 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             result = asyncio.run(service.handle(service_id, body, base_url))
             _print_json(result.response)
             if args.explain:
-                print(explain_text(result.decisions) or "(no order in scope of any policy)")
+                print("\n".join(d.explain_text() for d in result.decisions) or "(no order in scope of any policy)")
         except (OSError, JSONDecodeError) as error:
-            _print_json(operation_outcome_body(f"{name}: cannot read a JSON request: {type(error).__name__}"))
+            _print_json(operation_outcome(f"{name}: cannot read a JSON request: {type(error).__name__}"))
             status = 1
-        except (RequestError, DataUnavailable) as error:
-            _print_json(operation_outcome_body(f"{name}: {error}"))
+        except ServiceError as error:
+            _print_json(operation_outcome(f"{name}: {error}", error.code))
             status = 1
     return status
+
+
+def default_scenarios_dir() -> Path | None:
+    """``fixtures/scenarios`` of the working directory, else of the checkout the package runs from."""
+    for candidate in (Path.cwd() / "fixtures" / "scenarios", Path(__file__).resolve().parent.parent / "fixtures"
+                      / "scenarios"):
+        if candidate.is_dir():
+            return candidate
+    return None
+
+
+def cmd_policy_check(args: argparse.Namespace) -> int:
+    """Load the policy files strictly and run every scenario file against them: one line per scenario and a
+    summary; 1 when the policies do not load or a scenario fails."""
+    from .hooks.scenarios import check_files
+
+    config = _config(args)
+    directory = Path(args.policies) if args.policies else data_dir("policies", config.service.policies_dir)
+    try:
+        loaded = CoverageService.from_config(config, policies_dir=directory, offline=True)
+    except (SetupError, OSError) as error:
+        print(f"FAIL  policies in {directory} do not load: {error}")
+        return 1
+    print(f"ok    policies in {directory}: " + ", ".join(p.version for p in loaded.policies.policies))
+    scenarios = Path(args.scenarios) if args.scenarios else default_scenarios_dir()
+    if scenarios is None:
+        print("no scenarios checked: no fixtures/scenarios here (give --scenarios DIR)")
+        return 0
+    paths = sorted(scenarios.glob("*.json")) if scenarios.is_dir() else []
+    if not paths:
+        print(f"FAIL  no scenario files (*.json) in {scenarios}" if scenarios.is_dir() else
+              f"FAIL  {scenarios} is not a directory")
+        return 1
+    services: dict[dt.date, CoverageService] = {}
+
+    def service_for(day: dt.date) -> CoverageService:
+        if day not in services:
+            services[day] = CoverageService.from_config(config, policies=loaded.policies, offline=True,
+                                                        today=lambda: day)
+        return services[day]
+
+    failed = 0
+    for name, problems in check_files(service_for, paths):
+        failed += bool(problems)
+        print(f"FAIL  {name}: " + "; ".join(problems) if problems else f"ok    {name}")
+    print(f"{len(paths)} scenarios in {scenarios}: {len(paths) - failed} passed, {failed} failed")
+    return 1 if failed else 0
 
 
 @contextlib.contextmanager
@@ -224,6 +349,8 @@ def parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--workers", type=int, default=1)
     serve.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    serve.add_argument("--log-format", choices=["auto", "json", "text"],
+                       help="log lines as JSON or text (default: [logging] format, else auto: text on a terminal)")
     serve.set_defaults(func=cmd_serve)
 
     evaluate = with_config(sub.add_parser("evaluate", help="decide hook request files offline"))
@@ -248,6 +375,20 @@ def parser() -> argparse.ArgumentParser:
     replay.add_argument("--spool", help="spool directory (default: from the configuration)")
     replay.set_defaults(func=cmd_audit_replay)
 
+    policy = sub.add_parser("policy", help="the policy files").add_subparsers(dest="action", required=True)
+    check = with_config(policy.add_parser("check", help="load the policy files strictly and run every scenario "
+                                                        "file against them"))
+    check.add_argument("--policies", metavar="DIR", help="policy directory (default: the configured or packaged one)")
+    check.add_argument("--scenarios", metavar="DIR", help="scenario files (default: fixtures/scenarios of this "
+                                                          "directory or of the checkout)")
+    check.set_defaults(func=cmd_policy_check)
+    reload = with_config(policy.add_parser("reload", help="make the running service load its policy files again "
+                                                          "(as SIGHUP does), and wait until every worker serves them"))
+    reload.add_argument("--port", type=int, help="the port of the service to reload, when several run from this "
+                                                 "configuration")
+    reload.add_argument("--timeout", type=float, default=60.0, metavar="SECONDS")
+    reload.set_defaults(func=cmd_policy_reload)
+
     feedback = sub.add_parser("feedback", help="card feedback").add_subparsers(dest="action", required=True)
     fexport = with_config(feedback.add_parser("export", help="print feedback (with its decision) as JSON lines"))
     fexport.set_defaults(func=cmd_feedback_export)
@@ -258,7 +399,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.func(args))
-    except (ConfigError, PolicyError) as error:
+    except SetupError as error:
         print(f"cds-service: {error}", file=sys.stderr)
         return 2
 

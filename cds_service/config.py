@@ -11,14 +11,16 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .errors import SetupError
 from .urls import UrlError, canonical_url, loopback_or_https_problem
 
 ENV_CONFIG = "CDS_SERVICE_CONFIG"
 ENV_HEADER_READ_TIMEOUT = "CDS_SERVICE_HEADER_READ_TIMEOUT"  # set by `cds-service serve` for its workers
+ENV_RUN_DIR = "CDS_SERVICE_RUN_DIR"  # set by `cds-service serve` for its workers: the run directory
 DEFAULT_DATABASE = "sqlite:///cds-service.sqlite3"
 
 
-class ConfigError(ValueError):
+class ConfigError(SetupError):
     """The configuration is not valid; the message names the key."""
 
 
@@ -73,6 +75,9 @@ class ServerSettings:
     timeout_keep_alive_seconds: int = 5  # an idle keep-alive connection is closed after this
     header_read_timeout_seconds: float = 10.0  # a request's headers must arrive within this
     body_read_timeout_seconds: float = 10.0  # a request's body must arrive within this (else HTTP 408)
+    #: the running service's state: pid, policy generations, workers (default: beside the SQLite file, else
+    #: cds-service-run in the working directory); ``cds-service policy reload`` finds the service through it
+    run_dir: str | None = None
 
 
 @dataclass
@@ -85,12 +90,32 @@ class StorageSettings:
 
 
 @dataclass
+class MetricsSettings:
+    """``GET /metrics``: who may read it."""
+
+    enabled: bool = True
+    #: "local": clients on a loopback address only; "token": those, and others with the bearer token in
+    #: ``token_file``; "open": anyone (only where the network in front decides who reaches it)
+    access: str = "local"
+    token_file: str | None = None
+
+
+@dataclass
+class LoggingSettings:
+    format: str = "auto"  # "json", "text", or "auto" (text on a terminal, else JSON)
+
+
+@dataclass
 class Config:
+    """The whole configuration, by section; each key is README's (Configuration)."""
+
     service: ServiceSettings = field(default_factory=ServiceSettings)
     auth: AuthSettings = field(default_factory=AuthSettings)
     fhir: FhirSettings = field(default_factory=FhirSettings)
     server: ServerSettings = field(default_factory=ServerSettings)
     storage: StorageSettings = field(default_factory=StorageSettings)
+    metrics: MetricsSettings = field(default_factory=MetricsSettings)
+    logging: LoggingSettings = field(default_factory=LoggingSettings)
     source: str = "embedded defaults"
 
 
@@ -124,9 +149,10 @@ def _fill(cls: type, data: Any, where: str, skip: tuple[str, ...] = ()) -> Any:
 
 
 def parse_config(data: dict[str, Any], source: str) -> Config:
-    unknown = sorted(set(data) - {"service", "auth", "fhir", "server", "storage"})
+    sections = ("service", "auth", "fhir", "server", "storage", "metrics", "logging")
+    unknown = sorted(set(data) - set(sections))
     if unknown:
-        raise ConfigError(f"unknown section [{unknown[0]}] (known: service, auth, fhir, server, storage)")
+        raise ConfigError(f"unknown section [{unknown[0]}] (known: {', '.join(sections)})")
     auth_data = dict(data.get("auth", {}))
     issuers_data = auth_data.pop("issuers", [])
     if not isinstance(issuers_data, list):
@@ -139,6 +165,8 @@ def parse_config(data: dict[str, Any], source: str) -> Config:
         fhir=_fill(FhirSettings, data.get("fhir", {}), "fhir"),
         server=_fill(ServerSettings, data.get("server", {}), "server"),
         storage=_fill(StorageSettings, data.get("storage", {}), "storage"),
+        metrics=_fill(MetricsSettings, data.get("metrics", {}), "metrics"),
+        logging=_fill(LoggingSettings, data.get("logging", {}), "logging"),
         source=source,
     )
     validate(config)
@@ -171,6 +199,12 @@ def validate(config: Config) -> None:
         raise ConfigError("storage.database_timeout_seconds must be between 0.5 and 60")
     if config.service.public_base_url is not None:
         _base_url(config.service.public_base_url, "service.public_base_url")
+    if config.metrics.access not in ("local", "token", "open"):
+        raise ConfigError('metrics.access must be "local", "token" or "open"')
+    if config.metrics.access == "token" and not config.metrics.token_file:
+        raise ConfigError('metrics.access = "token" needs metrics.token_file (a file holding the token)')
+    if config.logging.format not in ("auto", "json", "text"):
+        raise ConfigError('logging.format must be "auto", "json" or "text"')
 
 
 def _base_url(url: str, where: str) -> None:
@@ -223,6 +257,24 @@ def _validate_server(server: ServerSettings) -> None:
     for name in ("header_read_timeout_seconds", "body_read_timeout_seconds"):
         if not 0 < getattr(server, name) <= 300:
             raise ConfigError(f"server.{name} must be between 0 and 300")
+
+
+MIN_METRICS_TOKEN = 16
+
+
+def metrics_token(settings: MetricsSettings) -> str | None:
+    """The token ``GET /metrics`` asks non-local clients for (``access = "token"``), read from its file."""
+    if settings.access != "token" or not settings.token_file:
+        return None
+    try:
+        token = Path(settings.token_file).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigError(f"metrics.token_file {settings.token_file} cannot be read: "
+                          f"{getattr(error, 'strerror', None) or type(error).__name__}") from None
+    if len(token) < MIN_METRICS_TOKEN or not token.isascii() or any(c.isspace() for c in token):
+        raise ConfigError(f"metrics.token_file {settings.token_file} must hold one token of at least "
+                          f"{MIN_METRICS_TOKEN} ASCII characters without spaces")
+    return token
 
 
 def load_config(path: str | None = None) -> Config:

@@ -13,6 +13,8 @@ import json
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from cds_service.hooks.service import HookResult
+
 from .support import FIXTURES
 
 CI_URL = "http://hl7.org/fhir/us/davinci-crd/StructureDefinition/ext-coverage-information"
@@ -183,3 +185,29 @@ def coverage_information_errors(ext: Mapping[str, Any], version: str) -> list[st
 
 def coverage_extensions(resource: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     return [e for e in resource.get("extension") or [] if e.get("url") == CI_URL]
+
+
+def extensions(result: HookResult) -> list[Any]:
+    """Every coverage-information extension of an answer's systemActions (there is at least one)."""
+    found = [e for a in result.response.get("systemActions", []) for e in coverage_extensions(a["resource"])]
+    assert found, result.response
+    return found
+
+
+def assert_valid(result: HookResult, version: str = "2.0.1") -> list[dict[str, Any]]:
+    """Every coverage-information of the answer is valid; the parts of those made by a decision (the others
+    say that no policy of this service assesses the order)."""
+    parts = []
+    for ext in extensions(result):
+        assert coverage_information_errors(ext, version) == [], ext
+        found = {p["url"]: p for p in ext["extension"]}
+        if not found["reason"]["valueCodeableConcept"]["text"].startswith("Not assessed"):
+            parts.append(found)
+    return parts
+
+
+def in_version(body: dict[str, Any], version: str) -> dict[str, Any]:
+    """``body`` asking for CRD ``version`` (2.0.1: as it is; 2.2.1: requestedVersion 2.2)."""
+    if version == "2.2.1":
+        body["extension"] = {"davinci-crd.requestedVersion": "2.2"}
+    return body

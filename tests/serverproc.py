@@ -21,14 +21,15 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, config_path: Path, workers: int = 1) -> None:
-        self.port = free_port()
+    def __init__(self, config_path: Path, workers: int = 1, port: int | None = None,
+                 log_level: str = "warning") -> None:
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = config_path.with_suffix(f".{self.port}.log")
         self._log_file = self.log.open("wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "cds_service", "serve", "--config", str(config_path), "--port", str(self.port),
-             "--workers", str(workers), "--log-level", "warning"],
+             "--workers", str(workers), "--log-level", log_level],
             stdout=self._log_file, stderr=subprocess.STDOUT, env={**os.environ},
         )
         deadline = time.monotonic() + 30

@@ -12,8 +12,7 @@ from starlette.testclient import TestClient
 
 from cds_service.web.app import create_app
 
-from .conftest import make_config
-from .support import FIXTURES, HOOK_CORPUS, SERVICE_FOR_HOOK, hook_request, load, scenario_request
+from .support import FIXTURES, HOOK_CORPUS, SERVICE_FOR_HOOK, hook_request, load, make_config, scenario_request
 
 SIGN = "/cds-services/coverage-requirements-order-sign"
 SELECT = "/cds-services/coverage-requirements-order-select"
@@ -54,6 +53,12 @@ def test_discovery_lists_a_service_per_hook(client: TestClient) -> None:
             assert "{{context.patientId}}" in query or ".resolve().ofType(" in query, key
         observations = service["prefetch"]["observations"]
         assert "Observation?patient={{context.patientId}}&code=http://loinc.org|72514-3" in observations
+        # what the EHR must grant names every type the templates search (the same searches the service runs)
+        searched = {query.split("?", 1)[0] for query in service["prefetch"].values()}
+        granted = set(service["usageRequirements"].split(" granting search of ", 1)[1].split(" for the patient")[0]
+                      .replace(" and ", ", ").split(", "))
+        assert searched | {"Medication"} == granted
+        assert ("QuestionnaireResponse" in searched) is (hook != "order-select")
         options = service["extension"]["davinci-crd.configuration-options"]
         assert any(o["type"] == "boolean" and o["code"] == "coverage-info" for o in options)
     no_nulls_or_empty_lists(response.json())
@@ -89,7 +94,8 @@ def test_same_request_same_decisions(client: TestClient) -> None:
 def test_no_order_in_scope_gives_empty_cards(client: TestClient) -> None:
     walker = {"resourceType": "DeviceRequest", "id": "w", "status": "draft", "intent": "order",
               "codeCodeableConcept": {"coding": [{"system": "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets",
-                                                  "code": "E0130"}]}, "subject": {"reference": "Patient/p1"}}
+                                                  "code": "E0130"}]}, "subject": {"reference": "Patient/p1"},
+              "authoredOn": "2026-06-01", "requester": {"reference": "Practitioner/dr1"}}
     response = client.post(SIGN, json=hook_request([walker], prefetch={}))
     assert response.status_code == 200
     # CRD hook-16: on order-sign every order carries coverage information, here "not assessed by this service"
@@ -175,6 +181,15 @@ def test_body_over_limit_is_413(sqlite_url: str) -> None:
                 yield b" " * 100
 
         assert small.post(SIGN, content=chunks()).status_code == 413
+
+
+@pytest.mark.parametrize("path", [SIGN, SIGN + "/feedback", "/fhir/Questionnaire/$questionnaire-package",
+                                  "/fhir/ValueSet/$expand"])
+def test_every_endpoint_with_a_body_refuses_one_over_the_limit_alike(sqlite_url: str, path: str) -> None:
+    with TestClient(create_app(make_config(sqlite_url, max_body_bytes=1000)), raise_server_exceptions=False) as small:
+        response = small.post(path, content=b" " * 2000, headers={"Content-Type": "application/json"})
+    assert_outcome(response, 413, "larger than 1000 bytes")
+    assert response.json()["issue"][0]["code"] == "too-costly"
 
 
 def test_cors_preflight_allows_authorization(client: TestClient) -> None:

@@ -20,11 +20,9 @@ import sqlalchemy as sa
 from cds_service.storage.db import engine_for
 from cds_service.storage.spool import Spool
 
-from .conftest import PG_ENV, _pg_schema_url
 from .serverproc import ServerProcess, free_port
-from .support import FIXTURES, load, scenario_request
+from .support import FIXTURES, PG_ENV, cli, load, pg_schema_url, scenario_request
 from .tcpproxy import TcpProxy
-from .test_storage import cli
 
 SIGN = "/cds-services/coverage-requirements-order-sign"
 KETAMINE = load(FIXTURES / "scenarios/mp446-ketamine-iv-chronic-pain.json")
@@ -33,7 +31,7 @@ needs_postgres = pytest.mark.skipif(not os.environ.get(PG_ENV), reason=f"{PG_ENV
 
 @pytest.fixture
 def pg_url() -> Iterator[str]:
-    yield from _pg_schema_url(os.environ[PG_ENV])
+    yield from pg_schema_url(os.environ[PG_ENV])
 
 
 @pytest.fixture

@@ -20,55 +20,31 @@ from typing import Any
 import httpx
 import pytest
 import respx
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
-from jose import jwk, jwt
+from jose import jwt
 from starlette.testclient import TestClient
 
 from cds_service.auth.jwt import AuthError, JwtAuthenticator
-from cds_service.config import AuthSettings, ConfigError, IssuerSettings, parse_config
+from cds_service.config import ConfigError, parse_config
 from cds_service.urls import is_loopback, url_under
 from cds_service.web.app import create_app
 
-from .conftest import make_config
 from .serverproc import ServerProcess
-from .support import FIXTURES, load, scenario_request, searchset
+from .support import (
+    AUD,
+    ES,
+    FIXTURES,
+    ISS,
+    JWKS_URL,
+    RS,
+    Key,
+    auth_config,
+    load,
+    scenario_request,
+    searchset,
+)
 
-ISS = "https://ehr.example.org"
-JWKS_URL = "https://ehr.example.org/.well-known/jwks.json"
-AUD = "http://testserver/cds-services/coverage-requirements-order-sign"
 SIGN = "/cds-services/coverage-requirements-order-sign"
 KETAMINE = load(FIXTURES / "scenarios/mp446-ketamine-iv-chronic-pain.json")
-
-
-class Key:
-    def __init__(self, alg: str, kid: str) -> None:
-        self.alg, self.kid = alg, kid
-        private = ec.generate_private_key(ec.SECP384R1()) if alg.startswith("ES") else \
-            rsa.generate_private_key(public_exponent=65537, key_size=2048)
-        self.private_pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                                 serialization.NoEncryption()).decode()
-        self.public_pem = private.public_key().public_bytes(
-            serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
-        self.jwk = {**jwk.construct(self.public_pem, alg).to_dict(), "kid": kid, "alg": alg, "use": "sig"}
-        self.jwk = {k: (v.decode() if isinstance(v, bytes) else v) for k, v in self.jwk.items()}
-
-    def token(self, claims: dict[str, Any] | None = None, headers: dict[str, Any] | None = None,
-              **overrides: Any) -> str:
-        now = int(time.time())
-        body = {"iss": ISS, "aud": AUD, "iat": now, "exp": now + 300, "jti": str(uuid.uuid4()), **(claims or {})}
-        for key, value in overrides.items():
-            if value is None:
-                body.pop(key, None)
-            else:
-                body[key] = value
-        token: str = jwt.encode(body, self.private_pem, algorithm=self.alg,
-                                headers={"kid": self.kid, "typ": "JWT", **(headers or {})})
-        return token
-
-
-ES = Key("ES384", "es-1")
-RS = Key("RS384", "rs-1")
 
 
 def b64(data: bytes) -> str:
@@ -81,20 +57,6 @@ def unsigned(alg: str, secret: bytes | None) -> str:
     payload = b64(json.dumps({"iss": ISS, "aud": AUD, "iat": now, "exp": now + 300, "jti": str(uuid.uuid4())}).encode())
     signature = b64(hmac.new(secret, f"{head}.{payload}".encode(), hashlib.sha256).digest()) if secret else ""
     return f"{head}.{payload}.{signature}"
-
-
-def auth_config(url: str, **issuer: Any) -> Any:
-    config = make_config(url, public_base_url="http://testserver")
-    settings = {"iss": ISS, "jwks_url": JWKS_URL, "jku_allowlist": ["https://keys.ehr.example.org/"], **issuer}
-    config.auth = AuthSettings(mode="jwt", issuers=[IssuerSettings(**settings)], jwks_refetch_min_seconds=30)
-    return config
-
-
-@pytest.fixture
-def jwks() -> Iterator[respx.MockRouter]:
-    with respx.mock(assert_all_called=False) as router:
-        router.get(JWKS_URL).mock(return_value=httpx.Response(200, json={"keys": [ES.jwk, RS.jwk]}))
-        yield router
 
 
 @pytest.fixture

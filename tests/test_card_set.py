@@ -4,7 +4,6 @@ always present on order-sign, EHR text that cannot become a link, and the policy
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import re
 from typing import Any
@@ -12,21 +11,18 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
-from cds_service.hooks.service import CoverageService, HookResult
+from cds_service.hooks.service import CoverageService
 
 from .crd_profile import coverage_extensions
-from .support import FIXTURES, SERVICE_FOR_HOOK, hook_request, load, scenario_request
+from .support import FIXTURES, coverage_extension, hook_request, load, run, scenario_request
 
 TEMP_CARD_TYPE = "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp"
 NO_TRIAL = load(FIXTURES / "scenarios/mp442-chronic-pain-no-trial.json")
 KETAMINE = load(FIXTURES / "scenarios/mp446-ketamine-iv-chronic-pain.json")
 WALKER = {"resourceType": "DeviceRequest", "id": "w", "status": "draft", "intent": "order",
           "codeCodeableConcept": {"coding": [{"system": "https://www.cms.gov/Medicare/Coding/HCPCSReleaseCodeSets",
-                                              "code": "E0130"}]}, "subject": {"reference": "Patient/p1"}}
-
-
-def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
-    return asyncio.run(service.handle(SERVICE_FOR_HOOK[body["hook"]], body, "https://cds.example.org"))
+                                              "code": "E0130"}]}, "subject": {"reference": "Patient/p1"},
+              "authoredOn": "2026-06-01", "requester": {"reference": "Practitioner/dr1"}}
 
 
 def for_order(cards: list[dict[str, Any]], reference: str) -> list[dict[str, Any]]:
@@ -149,3 +145,34 @@ def test_facts_read_from_free_text_are_said_on_the_card(service: CoverageService
     decision = next(d for d in result.decisions if d.text_read)
     card = for_order(result.response["cards"], decision.order_reference)[0]
     assert "Read from free text, not codes" in card["detail"]
+
+
+def test_an_order_that_is_not_a_crd_order_gets_no_not_assessed_information(service: CoverageService) -> None:
+    """An ungoverned order without an element its CRD profile requires (a MedicationRequest without
+    authoredOn) could only be returned non-conformant (resp-37: nothing but the extension may change): it
+    gets no coverage information; with the element it does."""
+    drug = {"resourceType": "MedicationRequest", "id": "m", "status": "draft", "intent": "order",
+            "medicationCodeableConcept": {"text": "amoxicillin 500 mg"}, "subject": {"reference": "Patient/p1"},
+            "requester": {"reference": "Practitioner/dr1"}}
+    assert run(service, hook_request([drug], prefetch={})).response["systemActions"] == []
+    drug["authoredOn"] = "2026-06-01"
+    [action] = run(service, hook_request([drug], prefetch={})).response["systemActions"]
+    assert action["resource"] == {**drug, "extension": action["resource"]["extension"]}
+
+
+def test_the_result_names_each_card_with_its_decision_and_coverage_assertion(service: CoverageService) -> None:
+    """What the audit keeps of the cards comes from the service, not from reading the response back: every
+    card sent, the decision behind it, and the coverage-assertion-id of its order's coverage information."""
+    body = scenario_request(NO_TRIAL)
+    body["context"]["draftOrders"]["entry"].append({"resource": scenario_request(KETAMINE)["context"]["draftOrders"]
+                                                    ["entry"][0]["resource"]})
+    result = run(service, body)
+    assert [c.card for c in result.cards] == result.response["cards"] and len(result.cards) >= 2
+    assertions = {a["resource"]["resourceType"] + "/" + a["resource"]["id"]:
+                  coverage_extension(a["resource"])["coverage-assertion-id"]["valueString"]
+                  for a in result.response["systemActions"]}
+    for issued in result.cards:
+        reference = issued.card["extension"]["davinci-crd.associated-resource"][0]["reference"]
+        assert issued.decision.order_reference == reference and issued.decision in result.decisions
+        assert issued.assertion_id == assertions[reference]
+    assert {c.decision.policy_id for c in result.cards} == {"MP-442", "MP-446"}

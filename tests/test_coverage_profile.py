@@ -3,7 +3,6 @@ each scenario, no known Coverage, data that could not be read, an order that cou
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from pathlib import Path
 from typing import Any
@@ -12,41 +11,19 @@ import httpx
 import pytest
 import respx
 
-from cds_service.hooks.service import CoverageService, HookResult
+from cds_service.hooks.service import CoverageService
 
-from .crd_profile import CI_URL, coverage_extensions, coverage_information_errors, model
-from .support import FIXTURES, SCENARIOS, SERVICE_FOR_HOOK, load, scenario_request
+from .crd_profile import (
+    CI_URL,
+    assert_valid,
+    coverage_information_errors,
+    in_version,
+    model,
+)
+from .support import FIXTURES, SCENARIOS, load, run, scenario_request
 
 FHIR = "https://ehr.example.org/fhir"
 TRIAL = load(FIXTURES / "scenarios/mp442-chronic-pain-successful-trial.json")
-
-
-def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
-    return asyncio.run(service.handle(SERVICE_FOR_HOOK[body["hook"]], body, "https://cds.example.org"))
-
-
-def extensions(result: HookResult) -> list[Any]:
-    found = [e for a in result.response.get("systemActions", []) for e in coverage_extensions(a["resource"])]
-    assert found, result.response
-    return found
-
-
-def assert_valid(result: HookResult, version: str = "2.0.1") -> list[dict[str, Any]]:
-    """Every coverage-information of the answer is valid; the parts of those made by a decision (the others
-    say that no policy of this service assesses the order)."""
-    parts = []
-    for ext in extensions(result):
-        assert coverage_information_errors(ext, version) == [], ext
-        found = {p["url"]: p for p in ext["extension"]}
-        if not found["reason"]["valueCodeableConcept"]["text"].startswith("Not assessed"):
-            parts.append(found)
-    return parts
-
-
-def in_version(body: dict[str, Any], version: str) -> dict[str, Any]:
-    if version == "2.2.1":
-        body["extension"] = {"davinci-crd.requestedVersion": "2.2"}
-    return body
 
 
 @pytest.mark.parametrize("version", ["2.0.1", "2.2.1"])

@@ -3,7 +3,6 @@ unknown elements, whose member this is (hook-13), SMART v2 scopes, and which ver
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from typing import Any
 
@@ -12,17 +11,16 @@ import pytest
 import respx
 from starlette.testclient import TestClient
 
+from cds_service.config import Config, ServiceSettings
 from cds_service.hooks.payer import PayerIdentifier, primary_coverage
 from cds_service.hooks.request import RequestError
 from cds_service.hooks.scopes import parse_scopes
-from cds_service.hooks.service import CoverageService, HookResult, Settings
-from cds_service.paths import data_dir
+from cds_service.hooks.service import CoverageService, HookResult
 from cds_service.storage.store import AuditRecord
 from cds_service.web.app import create_app
 
-from .conftest import make_config
 from .crd_profile import coverage_extensions, coverage_information_errors
-from .support import FIXTURES, SERVICE_FOR_HOOK, load, scenario_request
+from .support import FIXTURES, load, make_config, run, scenario_request
 
 SIGN = "/cds-services/coverage-requirements-order-sign"
 NO_TRIAL = load(FIXTURES / "scenarios/mp442-chronic-pain-no-trial.json")
@@ -31,10 +29,6 @@ FHIR = "https://ehr.example.org/fhir"
 CARD_TYPES = "http://terminology.hl7.org/CodeSystem/cdshooks-card-type"
 TEMP = "http://hl7.org/fhir/us/davinci-crd/CodeSystem/temp"
 OURS = PayerIdentifier.parse("http://hl7.org/fhir/sid/us-npi|1234567893")
-
-
-def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
-    return asyncio.run(service.handle(SERVICE_FOR_HOOK[body["hook"]], body, "https://cds.example.org"))
 
 
 def asking(version: str | None, scenario: dict[str, Any] = NO_TRIAL, **extension: Any) -> dict[str, Any]:
@@ -156,8 +150,8 @@ def with_coverages(body: dict[str, Any], *coverages: dict[str, Any]) -> dict[str
 
 @pytest.fixture
 def payer_service(service: CoverageService) -> CoverageService:
-    return CoverageService(service.policies, data_dir("cards"),
-                           Settings(payer_name="Test Health Plan", payer_identifiers=(OURS,)))
+    config = Config(service=ServiceSettings(payer_name="Test Health Plan", payer_identifiers=[str(OURS)]))
+    return CoverageService.from_config(config, policies=service.policies)
 
 
 @pytest.mark.parametrize(("coverages", "message"), [

@@ -11,14 +11,14 @@ import pytest
 import respx
 from starlette.testclient import TestClient
 
-from cds_service.fhir.client import SERVER_UNREADABLE, ReadLimits
+from cds_service.config import Config
+from cds_service.fhir.client import SERVER_UNREADABLE
 from cds_service.fhir.gather import DataUnavailable
 from cds_service.hooks.service import CoverageService, HookResult
 from cds_service.urls import Allowlist
 from cds_service.web.app import create_app
 
-from .conftest import make_config
-from .support import FIXTURES, PREFETCH_KEYS, load, prefetch_for, scenario_request, searchset
+from .support import FIXTURES, PREFETCH_KEYS, load, make_config, prefetch_for, run, scenario_request, searchset
 
 FHIR = "https://ehr.example.org/fhir"
 TOKEN = "secret-access-token-5f1b"
@@ -33,10 +33,6 @@ def with_server(body: dict[str, Any], drop: tuple[str, ...] = ()) -> dict[str, A
     body["fhirAuthorization"] = {"access_token": TOKEN, "token_type": "Bearer", "expires_in": 300,
                                  "scope": "patient/*.read", "subject": "cds-service"}
     return body
-
-
-def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
-    return asyncio.run(service.handle(SIGN, body, "https://cds.example.org"))
 
 
 def pump_decision(result: HookResult) -> Any:
@@ -191,11 +187,10 @@ def test_oversized_page_is_a_fault_not_data(service: CoverageService, monkeypatc
 
 
 def test_slow_server_is_cut_at_the_time_budget(policies: Any, caplog: pytest.LogCaptureFixture) -> None:
-    from cds_service.hooks.service import Settings
-    from cds_service.paths import data_dir
-
     caplog.set_level(logging.WARNING, logger="cds_service.fhir")
-    fast = CoverageService(policies, data_dir("cards"), Settings(fhir_timeout_seconds=0.2))
+    config = Config()
+    config.fhir.timeout_seconds = 0.2
+    fast = CoverageService.from_config(config, policies=policies)
     body = with_server(scenario_request(TRIAL), drop=("observations",))
 
     async def slow(request: httpx.Request) -> httpx.Response:
@@ -262,7 +257,9 @@ def test_large_record_validates_only_what_decisions_use(service: CoverageService
     body = scenario_request(TRIAL)
     body["prefetch"] = prefetch_for(resources)
     body["prefetch"]["everything"] = bundle
-    record = asyncio.run(service.record_for(service.parse(SIGN, body), service.policies.policies, None))
+    request = service.parse(SIGN, body)
+    needs = service.needs_for(service.policies.policies)
+    record = asyncio.run(service.gather(request, needs, service.fhir_access(request, None)))
     observations = record.get("Observation")
     assert observations and all(o.code.coding[0].code == "72514-3" for o in observations)
     assert record.get("Claim") == [] and record.get("Encounter") == []
@@ -342,11 +339,9 @@ def test_every_query_value_is_encoded(service: CoverageService) -> None:
 def test_total_read_from_the_fhir_server_is_capped_per_call(policies: Any) -> None:
     """Seven searches of many pages each would read far more than one call may: the searches past the cap
     are a named technical gap, and the decision conditional, never a crash or unbounded memory."""
-    from cds_service.hooks.service import Settings
-    from cds_service.paths import data_dir
-
-    limits = ReadLimits(max_total_bytes=64 * 1024, max_resources=1000)
-    capped = CoverageService(policies, data_dir("cards"), Settings(fhir_limits=limits))
+    config = Config()
+    config.fhir.max_total_bytes, config.fhir.max_resources = 64 * 1024, 1000
+    capped = CoverageService.from_config(config, policies=policies)
     body = with_server(scenario_request(TRIAL), drop=tuple(body_key for body_key in PREFETCH_KEYS.values()))
     filler = [{**by_type("Observation")[0], "id": f"o{n}"} for n in range(60)]
 
@@ -362,17 +357,16 @@ def test_total_read_from_the_fhir_server_is_capped_per_call(policies: Any) -> No
         result = run(capped, body)
     page_size = min(len(call.response.content) for call in route.calls)
     searches = len(PREFETCH_KEYS)
-    assert route.call_count <= searches + limits.max_total_bytes // page_size  # not every search x 20 pages
+    assert route.call_count <= searches + config.fhir.max_total_bytes // page_size  # not every search x 20 pages
     gaps = pump_decision(result).technical
     assert gaps and all("more data than this service reads for one call" in why for why in gaps.values())
     assert pump_decision(result).outcome.value == "conditional"
 
 
 def test_resource_count_is_capped_per_call(policies: Any) -> None:
-    from cds_service.hooks.service import Settings
-    from cds_service.paths import data_dir
-
-    capped = CoverageService(policies, data_dir("cards"), Settings(fhir_limits=ReadLimits(max_resources=50)))
+    config = Config()
+    config.fhir.max_resources = 50
+    capped = CoverageService.from_config(config, policies=policies)
     body = with_server(scenario_request(TRIAL), drop=("observations",))
     many = [{**by_type("Observation")[0], "id": f"o{n}"} for n in range(51)]
     with respx.mock(assert_all_called=False) as router:

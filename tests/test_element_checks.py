@@ -114,7 +114,7 @@ def test_a_malformed_element_no_criterion_reads_has_no_effect(
 def plain(value: Any) -> Any:
     """A checked value or a fhir.resources value as plain data, for comparing the two."""
     if isinstance(value, Checked):
-        return {k: plain(v) for k, v in value.checked_values().items()}
+        return {k: plain(v) for k, v in value._values.items()}
     if isinstance(value, BaseModel):
         out = {}
         for name, info in type(value).model_fields.items():
@@ -193,7 +193,7 @@ def test_the_record_checks_each_resource_once_and_names_what_it_skips() -> None:
     record = PatientRecord(checks=DECISION_CHECKS)
     good, bad = dict(CONDITION), {**CONDITION, "id": "c2", "code": "G89.29"}
     record.add_all([good, bad], {"Condition": None})
-    assert [c.id for c in record.of_type("Condition")] == ["c1"]
+    assert [c.id for c in record.get("Condition")] == ["c1"]
     assert record.validated(good) is record.validated(good)
     assert [(s.reference, s.reason) for s in record.skipped] == [("Condition/c2", "code: expected an object")]
 
@@ -201,7 +201,7 @@ def test_the_record_checks_each_resource_once_and_names_what_it_skips() -> None:
 def test_a_record_without_checks_validates_whole_resources_as_before() -> None:
     record = PatientRecord()
     record.add_all([{**CONDITION, "subject": "x"}], {"Condition": None})
-    assert record.of_type("Condition") == []
+    assert record.get("Condition") == []
     assert record.skipped[0].reason.startswith("subject")
 
 

@@ -16,8 +16,7 @@ from starlette.testclient import TestClient
 
 from cds_service.web.app import create_app
 
-from .conftest import make_config
-from .support import FIXTURES, load, scenario_request
+from .support import FIXTURES, load, make_config, scenario_request
 
 SIGN = "/cds-services/coverage-requirements-order-sign"
 SELECT = "/cds-services/coverage-requirements-order-select"

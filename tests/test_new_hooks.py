@@ -4,7 +4,6 @@ changed."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import uuid
 from typing import Any
@@ -14,20 +13,16 @@ import pytest
 import respx
 
 from cds_service.fhir.gather import DataUnavailable
-from cds_service.hooks.service import CoverageService, HookResult
+from cds_service.hooks.service import CoverageService
 
 from .crd_profile import CI_URL, coverage_extensions, coverage_information_errors
-from .support import FIXTURES, SERVICE_FOR_HOOK, load, prefetch_for, scenario_request, searchset
+from .support import FIXTURES, load, prefetch_for, run, scenario_request, searchset
 
 TRIAL = load(FIXTURES / "scenarios/mp442-chronic-pain-successful-trial.json")
 PUMP = next(o for o in TRIAL["orders"] if o["resourceType"] == "ServiceRequest")
 DRUG = next(o for o in TRIAL["orders"] if o["resourceType"] == "MedicationRequest")
 PUMP_ONLY = {**TRIAL, "orders": [PUMP]}  # without the drug order, the pump's route is not known
 FHIR = "https://ehr.example.org/fhir"
-
-
-def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
-    return asyncio.run(service.handle(SERVICE_FOR_HOOK[body["hook"]], body, "https://cds.example.org"))
 
 
 def hook_body(hook: str, context: dict[str, Any], prefetch: dict[str, Any], version: str | None = "2.2") -> Any:
@@ -131,6 +126,7 @@ def test_appointment_for_the_service_itself_updates_the_appointment(service: Cov
 @pytest.mark.parametrize("hook", ["order-dispatch", "appointment-book"])
 def test_nothing_in_scope_still_has_system_actions(service: CoverageService, hook: str) -> None:
     other = {"resourceType": "ServiceRequest", "id": "x", "status": "active", "intent": "order",
+             "authoredOn": "2026-06-01", "requester": {"reference": "Practitioner/dr1"},
              "subject": {"reference": "Patient/p1"}, "code": {"coding": [{"system": "http://loinc.org",
                                                                          "code": "24323-8"}]}}
     body = dispatch([other], ["ServiceRequest/x"]) if hook == "order-dispatch" else book(

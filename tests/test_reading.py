@@ -5,7 +5,6 @@ Hooks shape."""
 
 from __future__ import annotations
 
-import asyncio
 import copy
 from typing import Any
 
@@ -16,13 +15,9 @@ from cds_service.hooks.reading import ORDER_UNREADABLE, as_r4_lists
 from cds_service.hooks.service import CoverageService, HookResult
 
 from .crd_profile import coverage_extensions, coverage_information_errors
-from .support import FIXTURES, SERVICE_FOR_HOOK, load, scenario_request
+from .support import FIXTURES, load, run, scenario_request
 
 KETAMINE = load(FIXTURES / "scenarios/mp446-ketamine-iv-chronic-pain.json")
-
-
-def run(service: CoverageService, body: dict[str, Any]) -> HookResult:
-    return asyncio.run(service.handle(SERVICE_FOR_HOOK[body["hook"]], body, "https://cds.example.org"))
 
 
 def ketamine(mutate: Any, hook: str = "order-sign") -> dict[str, Any]:

@@ -25,9 +25,8 @@ from cds_service.jsonutil import MAX_DEPTH
 from cds_service.storage.tables import hook_audit
 from cds_service.web.app import create_app
 
-from .conftest import make_config
 from .serverproc import ServerProcess
-from .support import FIXTURES, load, scenario_request
+from .support import FIXTURES, load, make_config, scenario_request
 
 SIGN = "/cds-services/coverage-requirements-order-sign"
 TRIAL = load(FIXTURES / "scenarios/mp442-chronic-pain-successful-trial.json")

@@ -32,10 +32,8 @@ from cds_service.storage.store import Store
 from cds_service.storage.tables import card_decision, feedback, hook_audit
 from cds_service.web.app import create_app
 
-from .conftest import make_config
 from .serverproc import free_port
-from .support import FIXTURES, load, scenario_request
-from .test_storage import cli, write_config
+from .support import FIXTURES, cli, load, make_config, scenario_request, write_config
 
 SIGN = "/cds-services/coverage-requirements-order-sign"
 KETAMINE = load(FIXTURES / "scenarios/mp446-ketamine-iv-chronic-pain.json")
@@ -245,8 +243,8 @@ def test_ready_when_the_database_is_up_and_migrated(sqlite_url: str, monkeypatch
         alive = client.get("/health")
     assert ready.status_code == 200
     body = ready.json()
-    assert body["status"] == "ready" and body["database"] == {"state": "up", "schema": "0003",
-                                                               "expected_schema": "0003"}
+    assert body["status"] == "ready" and body["database"] == {"state": "up", "schema": "0004",
+                                                               "expected_schema": "0004"}
     assert body["audit"]["spool"] == {"records": 0, "bytes": 0, "max_bytes": 1 << 30, "oldest_age_seconds": None}
     assert body["audit"]["dropped"] == {} and body["audit"]["running"]
     assert unmigrated.status_code == 503 and unmigrated.json()["database"]["state"] == "not-migrated"

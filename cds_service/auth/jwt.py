@@ -54,6 +54,9 @@ class AuthError(Exception):
 
 @dataclass(frozen=True)
 class Principal:
+    """Who called, as its valid token says: the issuer, subject and tenant, and the FHIR servers its token lets
+    the service read."""
+
     issuer: str
     subject: str | None
     tenant: str | None
@@ -89,6 +92,10 @@ def fhir_server_allowlist(issuer: IssuerSettings) -> Allowlist:
 
 
 class JwtAuthenticator:
+    """The ``jwt`` mode's checks of a bearer token (see README, Security): the issuer's trusted keys (cached,
+    with per-issuer fetch limits), the algorithm, the audience, the time claims and lifetime, the tenant and the
+    ``jti`` replay check. :meth:`authenticate` returns the :class:`Principal` or raises :class:`AuthError`."""
+
     def __init__(self, settings: AuthSettings, replay: ReplayCheck,
                  transport: httpx.AsyncBaseTransport | None = None) -> None:
         self.settings = settings

@@ -103,6 +103,11 @@ class Indication:
 
 @dataclass
 class DecisionScope:
+    """What one decision keeps while its candidate indications are tried: the resource types consulted (data
+    that could not be read holds the decision only if it consulted them), results of criteria that do not
+    depend on the indication, shared intermediate results, and what was read from free text. Made anew by
+    every call of ``decide``: the patient record itself is only read."""
+
     consulted: set[str] = field(default_factory=set)
     cache: dict[int, Result] = field(default_factory=dict)
     #: shared intermediate results (e.g. the pain scores read once for several criteria)
@@ -118,6 +123,11 @@ class DecisionScope:
 
 @dataclass(frozen=True)
 class EvaluationContext:
+    """What a criterion sees while a policy decides one order: the order and the other draft orders, the
+    patient's record, the policy's value sets and the shared ones, the day of the decision, the Medications
+    orders reference, the candidate indication under consideration (:meth:`with_indication`), and the decision's
+    :class:`DecisionScope`. Criteria read the record through it, so that what was consulted is known."""
+
     systems: CodeSystems
     value_sets: Mapping[str, ValueSet]
     order: OrderFacts
@@ -129,7 +139,6 @@ class EvaluationContext:
     scope: DecisionScope = field(default_factory=DecisionScope)
     indication: Indication | None = None
     implied_route: str | None = None
-    maintenance: bool = False
 
     def with_indication(self, indication: Indication | None) -> EvaluationContext:
         return dataclasses.replace(self, indication=indication)

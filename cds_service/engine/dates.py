@@ -5,8 +5,6 @@ from __future__ import annotations
 import datetime as dt
 from typing import Any
 
-MIN_TIME = dt.datetime.min.replace(tzinfo=dt.UTC)
-
 
 def as_utc(value: Any) -> dt.datetime | None:
     """A FHIR date/dateTime (date, naive or aware datetime, or ISO text; a year or year-month is read as

@@ -16,6 +16,9 @@ class Status(enum.Enum):
 
 
 class Outcome(enum.StrEnum):
+    """A decision's outcome: covered and not-covered are firm; conditional waits on something (documentation,
+    data that could not be read); out-of-scope means the policy gives no decision (no card)."""
+
     COVERED = "covered"
     NOT_COVERED = "not-covered"
     CONDITIONAL = "conditional"
@@ -92,6 +95,8 @@ class Result:
 
 @dataclass(frozen=True)
 class CriterionTrace:
+    """One criterion of a rule as tried: its kind, its status, in ``when`` or ``require``, and its notes."""
+
     kind: str
     status: Status
     phase: str  # "when" or "require"
@@ -100,6 +105,8 @@ class CriterionTrace:
 
 @dataclass
 class RuleTrace:
+    """One rule as tried (for one candidate indication): whether its ``when`` held, and each criterion."""
+
     rule_id: str
     applied: bool
     criteria: list[CriterionTrace] = field(default_factory=list)
@@ -134,15 +141,32 @@ class Decision:
     skipped_resources: list[str] = field(default_factory=list)
     #: facts read from free text rather than codes (said in the trace and on the card)
     text_read: list[str] = field(default_factory=list)
+    #: the version of the policy the decision was made under (``Policy.version``)
+    policy_version: str = ""
 
     @property
     def decided(self) -> bool:
         return self.outcome is not Outcome.OUT_OF_SCOPE
 
+    def explain_text(self) -> str:
+        """The decision trace for a person (``cds-service evaluate --explain``)."""
+        lines = [f"{self.order_reference}: {self.policy_id} -> {self.outcome.value} (rule {self.rule_id})",
+                 f"  policy version: {self.policy_version}", f"  clause: {self.clause}", f"  reason: {self.reason}"]
+        if self.indication:
+            lines.append(f"  indication: {self.indication}")
+        lines.extend(f"  evidence: {e.reference}: {e.finding}" for e in self.evidence)
+        lines.extend(f"  missing: {m}" for m in self.missing)
+        lines.extend(f"  note: {n}" for n in self.notes)
+        lines.extend(f"  skipped resource: {s}" for s in self.skipped_resources)
+        tried = ", ".join(f"{t.rule_id}{'*' if t.applied else ''}" for t in self.trace)
+        lines.append(f"  rules tried (* applied): {tried}")
+        return "\n".join(lines)
+
     def explain(self) -> dict[str, Any]:
         """The decision trace as plain data: which policy, which clause, which resources, what was missing."""
         return {
             "policy": self.policy_id,
+            "policy_version": self.policy_version,
             "order": self.order_reference,
             "outcome": self.outcome.value,
             "rule": self.rule_id,

@@ -20,16 +20,22 @@ from .criteria import evaluate_all
 from .decision import CriterionTrace, Decision, Evidence, Failure, Gap, Outcome, Result, RuleTrace, Status, unique
 from .indication import Candidates, indication_candidates
 from .orders import Medications, OrderFacts
-from .policy import Policy, PolicySet, Rule, TriggerMatch
+from .policy import (
+    DATA_UNAVAILABLE,
+    DIAGNOSIS_UNCONFIRMED,
+    DOCUMENTATION_CONFLICT,
+    DRUG_UNIDENTIFIED,
+    INDICATION_AMBIGUOUS,
+    INDICATION_CONFLICT,
+    INDICATION_MISSING,
+    INDICATION_UNCODED,
+    NO_RULE,
+    Policy,
+    PolicySet,
+    Rule,
+    TriggerMatch,
+)
 
-INDICATION_MISSING = "indication-missing"
-INDICATION_AMBIGUOUS = "indication-ambiguous"
-INDICATION_CONFLICT = "indication-conflict"
-INDICATION_UNCODED = "indication-uncoded"
-DIAGNOSIS_UNCONFIRMED = "diagnosis-unconfirmed"
-DRUG_UNIDENTIFIED = "drug-unidentified"
-NO_RULE = "no-rule-applies"
-DATA_UNAVAILABLE = "data-unavailable"
 _OUTCOME_WORDS = {Outcome.COVERED: "covered", Outcome.NOT_COVERED: "not covered",
                   Outcome.CONDITIONAL: "conditional", Outcome.OUT_OF_SCOPE: "outside the policy"}
 
@@ -134,19 +140,28 @@ def _capped(result: _RuleResult) -> _RuleResult:
 
 
 def _reconcile(results: list[_RuleResult], candidates: Candidates) -> tuple[_RuleResult, list[str]]:
-    """One answer from the candidates' answers, and notes on the others."""
-    first = results[0]
-    keys = {r.key for r in results}
-    outcomes = {r.outcome for r in results}
+    """One answer from the candidates' answers, and notes on the others. The codings of one Condition that lead
+    to the same answer count once; candidates whose answers are the same, or that all wait on the same
+    documentation, give that answer; otherwise the indication is the question."""
+    by_source: dict[tuple[str, tuple[Outcome, str]], _RuleResult] = {}
+    for result in results:
+        by_source.setdefault((result.indication.reference if result.indication else "", result.key), result)
+    distinct = list(by_source.values())
+    first, others = distinct[0], distinct[1:]
+    keys = {r.key for r in distinct}
+    outcomes = {r.outcome for r in distinct}
     if len(keys) == 1 or (len(outcomes) == 1 and first.outcome.firm):
-        notes = ["other candidate indications lead to the same outcome: " + "; ".join(r.describe() for r in results[1:])
-                 ] if len(results) > 1 else []
+        notes = ["other candidate indications lead to the same outcome: " + "; ".join(r.describe() for r in others)
+                 ] if others else []
         return first, notes
-    sources = {r.indication.reference for r in results if r.indication}
+    if outcomes == {Outcome.CONDITIONAL} and len({tuple(sorted(g.text for g in r.gaps)) for r in distinct}) == 1:
+        return first, ["other candidate indications wait on the same documentation: "
+                       + "; ".join(r.describe() for r in others)]
+    sources = {r.indication.reference for r in distinct if r.indication}
     if len(sources) == 1:
         engine = INDICATION_CONFLICT
         text = (f"the indication: the codings of {sources.pop()} point to different decisions ("
-                + "; ".join(r.describe() for r in results) + "); correct the coding or state the indication")
+                + "; ".join(r.describe() for r in distinct) + "); correct the coding or state the indication")
         label = "resolve conflicting codes"
     else:
         engine = INDICATION_AMBIGUOUS
@@ -154,21 +169,18 @@ def _reconcile(results: list[_RuleResult], candidates: Candidates) -> tuple[_Rul
         how = ("each waiting on documentation of its own" if outcomes == {Outcome.CONDITIONAL}
                else "with different decisions")
         text = (f"the indication for this order (reasonCode): {where} more than one, {how}: "
-                + "; ".join(r.describe() for r in results))
+                + "; ".join(r.describe() for r in distinct))
         label = "state the indication"
-    evidence = [e for r in results for e in r.evidence]
+    evidence = [e for r in distinct for e in r.evidence]
     return _RuleResult(None, Outcome.CONDITIONAL, evidence, [Gap(text, label, "indication")], engine=engine), []
 
 
 def _wording(policy: Policy, result: _RuleResult, gaps: list[Gap]) -> tuple[str, str, str]:
-    """Clause, reason and summary."""
+    """Clause, reason and summary: the rule's, or, for the engine's own outcomes, outcomes.yaml's."""
     if result.rule is None:
         wording = policy.outcomes[result.engine or NO_RULE]
         values = {"policy": policy.id, "missing_indication": policy.missing_indication}
-        summary = wording.summary.format(**values)
-        if result.engine in (INDICATION_UNCODED, DIAGNOSIS_UNCONFIRMED, DRUG_UNIDENTIFIED) and gaps and gaps[0].label:
-            summary = gaps[0].label
-        return wording.clause.format(**values), wording.reason.format(**values), summary
+        return wording.clause.format(**values), wording.reason.format(**values), wording.summary.format(**values)
     rule = result.rule
     if result.outcome is Outcome.NOT_COVERED and result.failure is not None and rule.outcome is not Outcome.NOT_COVERED:
         return rule.clause, result.failure.reason, result.failure.summary
@@ -179,10 +191,35 @@ def _wording(policy: Policy, result: _RuleResult, gaps: list[Gap]) -> tuple[str,
     return rule.clause, rule.reason(result.outcome), summary
 
 
+def _per_candidate(policy: Policy, ctx: EvaluationContext, candidates: Candidates) -> list[_RuleResult]:
+    """What the rules give for each candidate indication (or, with none, for no indication)."""
+    options: list[Indication | None] = list(candidates.items) or list(candidates.unplaced[:1]) or [None]
+    results = [_capped(_run_rules(policy, ctx.with_indication(option))) for option in options]
+    if candidates.unplaced and not candidates.items:
+        labels = ", ".join(f"'{u.label()}'" for u in candidates.unplaced)
+        for result in results:
+            result.gaps = [Gap(g.text + f" (the order's reason {labels} is not one the policy recognises)", g.label,
+                               g.kind, g.about) for g in result.gaps]
+            result.indication = None
+    return results
+
+
+def _held(chosen: _RuleResult, engine: str, gaps: list[Gap], note: str, notes: list[str]) -> _RuleResult:
+    """A decision that cannot be firm over something the rules do not see (a drug not identified, a
+    contradiction in the documentation, data that could not be read): conditional, asking for ``gaps``; what
+    the rules gave is noted."""
+    notes.append(note)
+    return _RuleResult(None, Outcome.CONDITIONAL, chosen.evidence, gaps, indication=chosen.indication, engine=engine)
+
+
 def decide(policy_set: PolicySet, policy: Policy, match: TriggerMatch, order: OrderFacts,
            draft_orders: Sequence[OrderFacts], record: PatientRecord, *, today: dt.date | None = None,
-           medications: Medications | None = None) -> Decision:
-    """The policy's decision on ``order``."""
+           medications: Medications | None = None, conflicts: Sequence[Gap] = ()) -> Decision:
+    """The policy's decision on ``order`` (which ``match`` says the policy governs), from the draft orders and
+    the record: the candidate indications, the rules tried for each (:func:`_run_rules`), one answer from
+    theirs (:func:`_reconcile`), held conditional over what the rules do not see (:func:`_held`), worded
+    (:func:`_wording`). ``conflicts``: documentation (a DTR form's answers) that contradicts coded record data,
+    found by the caller. What the decision consulted is its own (:class:`DecisionScope`)."""
     now = dt.datetime.now(dt.UTC)
     moment = dt.datetime(today.year, today.month, today.day, tzinfo=dt.UTC) if today else now
     scope = DecisionScope()
@@ -194,58 +231,49 @@ def decide(policy_set: PolicySet, policy: Policy, match: TriggerMatch, order: Or
     candidates = indication_candidates(policy.indication, ctx)
     notes = list(candidates.notes)
     notes.extend(f"{key} was one object where FHIR R4 has a list: read as a list of one" for key in order.lenient)
-    options: list[Indication | None] = list(candidates.items) or list(candidates.unplaced[:1]) or [None]
-    results = [_capped(_run_rules(policy, ctx.with_indication(option))) for option in options]
-    if candidates.unplaced and not candidates.items:
-        labels = ", ".join(f"'{u.label()}'" for u in candidates.unplaced)
-        for result in results:
-            result.gaps = [Gap(g.text + f" (the order's reason {labels} is not one the policy recognises)", g.label,
-                               g.kind, g.about) for g in result.gaps]
-            result.indication = None
+    results = _per_candidate(policy, ctx, candidates)
     chosen, more = _reconcile(results, candidates) if len(results) > 1 else (results[0], [])
     notes.extend(more)
     notes.extend(n for r in results for n in r.notes)
-    if match.unidentified_drug and chosen.outcome is not Outcome.OUT_OF_SCOPE:
-        notes.append(f"from the rest of the record the rules gave: {chosen.outcome.value}")
-        chosen = _RuleResult(None, Outcome.CONDITIONAL, chosen.evidence, [Gap(
+    decided = chosen.outcome is not Outcome.OUT_OF_SCOPE
+    if match.unidentified_drug and decided:
+        chosen = _held(chosen, DRUG_UNIDENTIFIED, [Gap(
             f"confirmation of the drug ordered in {order.reference} ({match.how}): the decision depends on it",
-            "confirm the drug", "drug")], indication=chosen.indication, engine=DRUG_UNIDENTIFIED)
+            "confirm the drug", "drug")], f"from the rest of the record the rules gave: {chosen.outcome.value}", notes)
+    if conflicts and decided:  # documentation (DTR forms, dtr/extract.py) never gives a firm answer over them
+        kept = chosen.gaps if chosen.outcome is Outcome.CONDITIONAL else []
+        chosen = _held(chosen, DOCUMENTATION_CONFLICT, [*conflicts, *kept], "from the record and the documentation, "
+                       f"the rules gave: {chosen.outcome.value} (rule {chosen.key[1]})", notes)
     technical = record.technical_gaps(scope.consulted)
     # out of scope by a rule that reads only the order (a route that is not the policy's): no data mattered
-    order_only = chosen.outcome is Outcome.OUT_OF_SCOPE and chosen.rule is not None and not chosen.rule.needs_indication
-    if technical and order_only:
+    if chosen.outcome is Outcome.OUT_OF_SCOPE and chosen.rule is not None and not chosen.rule.needs_indication:
         technical = {}
     if technical:
-        notes.append(f"from the data that could be read, the rules gave: {chosen.outcome.value} "
-                     f"(rule {chosen.key[1]})")
-        chosen = _RuleResult(None, Outcome.CONDITIONAL, chosen.evidence, [
-            Gap(f"{rtype} data could not be read ({why})", None, "technical")
-            for rtype, why in sorted(technical.items())],
-            indication=chosen.indication, engine=DATA_UNAVAILABLE)
+        chosen = _held(chosen, DATA_UNAVAILABLE, [Gap(f"{rtype} data could not be read ({why})", None, "technical")
+                                                  for rtype, why in sorted(technical.items())],
+                       f"from the data that could be read, the rules gave: {chosen.outcome.value} "
+                       f"(rule {chosen.key[1]})", notes)
     label = match.trigger.label  # rule summaries may name the drug as {drug}
     gaps = unique([replace(g, text=g.text.replace("{drug}", label)) for g in chosen.gaps])
-    notes = [n.replace("{drug}", label) for n in notes]
     clause, reason, summary = _wording(policy, chosen, gaps)
-    order_evidence = Evidence(order.reference, f"{match.trigger.label} order [{match.how}]")
-    rule_id = chosen.rule.id if chosen.rule else (chosen.engine or NO_RULE)
     decided_for = chosen.indication if chosen.rule is not None and chosen.rule.when else None
     return Decision(
         policy_id=policy.id,
         policy_title=policy.title,
         order_reference=order.reference,
         outcome=chosen.outcome,
-        rule_id=rule_id,
+        rule_id=chosen.key[1],
         clause=clause,
         reason=reason,
         summary=summary.replace("{drug}", label),
-        evidence=unique([order_evidence, *chosen.evidence]),
+        evidence=unique([Evidence(order.reference, f"{label} order [{match.how}]"), *chosen.evidence]),
         missing=unique([g.text for g in gaps]),
         gaps=gaps,
-        notes=unique(notes),
+        notes=unique([n.replace("{drug}", label) for n in notes]),
         indication=decided_for.label() if decided_for else None,
         technical=technical,
         trace=[t for r in results for t in r.trace],
         skipped_resources=[f"{s.reference}: {s.reason}" for s in record.skipped],
         text_read=list(scope.text_read),
+        policy_version=policy.version,
     )
-

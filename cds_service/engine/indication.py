@@ -43,6 +43,9 @@ class IndicationRules:
 
 @dataclass
 class Candidates:
+    """The candidate indications of an order: placed by the policy's value sets (``items``; ``from_order`` when
+    they are the order's own reasons), the order's reasons no value set places, and notes for the trace."""
+
     items: list[Indication] = field(default_factory=list)
     from_order: bool = False
     #: order reasons no value set of the policy places (their labels)

@@ -19,6 +19,7 @@ from typing import Any
 
 import yaml
 
+from ..errors import SetupError
 from ..terminology import CodeSystems, Concept, TerminologyError, TextRules, ValueSet
 from .context import ConditionStatuses, StatusRule
 from .criteria import ApprovalTable, Criterion, CriterionError, build_criterion, walk
@@ -32,11 +33,21 @@ from .value_set_files import Expansions, ValueSetFileError, load_value_sets
 ORDER_RESOURCES = frozenset({"ServiceRequest", "DeviceRequest", "MedicationRequest"})
 SHARED_FILES = ("code-systems.yaml", "shared-value-sets.yaml", "condition-status.yaml", "text-matching.yaml",
                 "outcomes.yaml")
-ENGINE_OUTCOMES = ("indication-missing", "indication-ambiguous", "indication-conflict", "indication-uncoded",
-                   "diagnosis-unconfirmed", "drug-unidentified", "data-unavailable", "no-rule-applies")
+# The decisions no single rule makes (their rule ids), each worded by outcomes.yaml
+INDICATION_MISSING = "indication-missing"
+INDICATION_AMBIGUOUS = "indication-ambiguous"
+INDICATION_CONFLICT = "indication-conflict"
+INDICATION_UNCODED = "indication-uncoded"
+DIAGNOSIS_UNCONFIRMED = "diagnosis-unconfirmed"
+DRUG_UNIDENTIFIED = "drug-unidentified"
+DATA_UNAVAILABLE = "data-unavailable"
+NO_RULE = "no-rule-applies"
+DOCUMENTATION_CONFLICT = "documentation-conflict"
+ENGINE_OUTCOMES = (INDICATION_MISSING, INDICATION_AMBIGUOUS, INDICATION_CONFLICT, INDICATION_UNCODED,
+                   DIAGNOSIS_UNCONFIRMED, DRUG_UNIDENTIFIED, DATA_UNAVAILABLE, NO_RULE, DOCUMENTATION_CONFLICT)
 
 
-class PolicyError(ValueError):
+class PolicyError(SetupError):
     """A policy file is not valid."""
 
 
@@ -110,7 +121,6 @@ class Rule:
     summaries: Mapping[Outcome, str]
     reasons: Mapping[Outcome, str]
     missing: tuple[str, ...]
-    reasoning: str | None = None
     gap_kind: str = "other"
 
     @property
@@ -127,6 +137,8 @@ class Rule:
 
 @dataclass(frozen=True)
 class Wording:
+    """How outcomes.yaml words one of the decisions no single rule makes: the clause, the reason, the summary."""
+
     clause: str
     reason: str
     summary: str
@@ -139,7 +151,6 @@ class Policy:
     id: str
     title: str
     latest_review: str
-    category: str
     text_path: Path | None
     prior_authorization: str
     triggers: list[Trigger]
@@ -174,12 +185,14 @@ class Policy:
 
 @dataclass
 class PolicySet:
+    """Every policy of a policy directory, with what they share: the code systems, the condition status rules,
+    the text matching rules. One set is one generation of the files (a reload loads a new one)."""
+
     systems: CodeSystems
     policies: list[Policy]
     directory: Path
     statuses: ConditionStatuses
     text_rules: TextRules
-    expansion_files: list[Path] = field(default_factory=list)
 
     def get(self, policy_id: str) -> Policy | None:
         return next((p for p in self.policies if p.id == policy_id), None)
@@ -251,6 +264,9 @@ class _Lookup:
                 raise CriterionError(f"table {name!r}: 'kind' must be drug_approvals")
             self._tables[name] = ApprovalTable.build(name, spec, self)
         return self._tables[name]
+
+    def criterion(self, spec: Any) -> Criterion:
+        return build_criterion(spec, self)
 
 
 def _criteria(where: str, value: Any, lookup: _Lookup) -> tuple[Criterion, ...]:
@@ -333,6 +349,8 @@ def _rules(where: str, data: Any, lookup: _Lookup) -> list[Rule]:
         if not isinstance(missing, list) or not all(isinstance(m, str) for m in missing):
             raise PolicyError(f"{place}: 'missing' must be a list of text")
         missing = [_text(f"{place}.missing", m) for m in missing]
+        if "reasoning" in spec:  # for the reader of the file: how it reads the policy text
+            _text(f"{place}.reasoning", spec["reasoning"])
         if outcome is Outcome.CONDITIONAL and not missing and not spec.get("require"):
             raise PolicyError(f"{place}: a conditional outcome must say what is 'missing'")
         gap_kind = str(spec.get("gap_kind", "other"))
@@ -351,7 +369,6 @@ def _rules(where: str, data: Any, lookup: _Lookup) -> list[Rule]:
             summaries=_by_outcome(f"{place}.summary", spec.get("summary"), outcome),
             reasons=reasons,
             missing=tuple(missing),
-            reasoning=_text(f"{place}.reasoning", spec["reasoning"]) if "reasoning" in spec else None,
             gap_kind=gap_kind,
         ))
     if not rules:
@@ -410,7 +427,6 @@ def load_policy(path: Path, shared: _Shared) -> Policy:
         id=policy_id,
         title=_text(f"{where}: policy.title", head["title"]),
         latest_review=latest_review,
-        category=str(head.get("category", "")),
         text_path=text_path,
         prior_authorization=pa,
         triggers=triggers,
@@ -473,4 +489,4 @@ def load_policies(directory: Path) -> PolicySet:
     if len(set(ids)) != len(ids):
         raise PolicyError(f"{directory}: duplicate policy ids {ids}")
     return PolicySet(systems=systems, policies=policies, directory=directory, statuses=shared.statuses,
-                     text_rules=text_rules, expansion_files=expansions.files())
+                     text_rules=text_rules)

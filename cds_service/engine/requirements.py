@@ -1,10 +1,15 @@
 """The data the policies need, as prefetch templates (advertised in discovery) and as the searches
 run against the EHR's FHIR server when the prefetch lacks them. Derived from the policy files: a
-policy that reads pain scores makes the Observation query ask for exactly those codes."""
+policy that reads pain scores makes the Observation query ask for exactly those codes.
+
+:data:`SEARCHES` (with :data:`COVERAGE`) is the one table of the prefetch keys and searches by resource type:
+discovery's templates and its ``usageRequirements``, the searches of the FHIR server, and the prefetch built
+for scenario files all come from it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from ..fhir.gather import DataNeed
@@ -12,27 +17,40 @@ from ..fhir.record import RawFilter
 from ..terminology import CodeSystems, ValueSet
 from .policy import Policy
 
-#: resource type -> (prefetch key, patient-scoped search; a code filter is added from the policies)
-_SEARCHES: dict[str, tuple[str, str]] = {
-    "Condition": ("conditions", "Condition?patient={{context.patientId}}"),
-    "Observation": ("observations", "Observation?patient={{context.patientId}}"),
-    "Procedure": ("procedures", "Procedure?patient={{context.patientId}}"),
-    "MedicationStatement": (
+
+@dataclass(frozen=True)
+class Search:
+    """A resource type's prefetch key and its patient-scoped search (the policies add a code filter)."""
+
+    key: str
+    query: str
+
+
+#: resource type -> its prefetch key and search, in the order discovery lists them
+SEARCHES: dict[str, Search] = {
+    "Condition": Search("conditions", "Condition?patient={{context.patientId}}"),
+    "Observation": Search("observations", "Observation?patient={{context.patientId}}"),
+    "Procedure": Search("procedures", "Procedure?patient={{context.patientId}}"),
+    "MedicationStatement": Search(
         "medicationStatements",
         "MedicationStatement?patient={{context.patientId}}&_include=MedicationStatement:medication",
     ),
-    "MedicationRequest": (
+    "MedicationRequest": Search(
         "medicationRequests",
         "MedicationRequest?patient={{context.patientId}}&_include=MedicationRequest:medication",
     ),
-    "MedicationAdministration": (
+    "MedicationAdministration": Search(
         "medicationAdministrations",
         "MedicationAdministration?patient={{context.patientId}}&_include=MedicationAdministration:medication",
     ),
-    "AllergyIntolerance": ("allergies", "AllergyIntolerance?patient={{context.patientId}}"),
-    "Device": ("devices", "Device?patient={{context.patientId}}"),
+    "AllergyIntolerance": Search("allergies", "AllergyIntolerance?patient={{context.patientId}}"),
+    "Device": Search("devices", "Device?patient={{context.patientId}}"),
 }
-COVERAGE_NEED_KEY = "coverage"
+#: not evidence: the patient's active Coverage, named in the coverage information (and whose member, CRD 2.2)
+COVERAGE = Search("coverage", "Coverage?patient={{context.patientId}}&status=active")
+COVERAGE_NEED_KEY = COVERAGE.key
+#: resource type -> prefetch key, for everything the policies may read and the Coverage
+PREFETCH_KEYS = {**{rtype: search.key for rtype, search in SEARCHES.items()}, "Coverage": COVERAGE.key}
 
 
 def _code_filter(value_sets: list[ValueSet], systems: CodeSystems) -> RawFilter:
@@ -70,17 +88,15 @@ def data_needs(policies: Iterable[Policy], systems: CodeSystems) -> list[DataNee
                     assert current is not None
                     current.extend(vs for vs in sets if vs not in current)
     needs = []
-    for rtype in _SEARCHES:
+    for rtype, search in SEARCHES.items():
         if rtype not in scoped:
             continue
-        key, query = _SEARCHES[rtype]
         sets = scoped[rtype]
         if sets:
-            needs.append(DataNeed(key, rtype, query + _code_param(sets), _code_filter(sets, systems)))
+            needs.append(DataNeed(search.key, rtype, search.query + _code_param(sets), _code_filter(sets, systems)))
         else:
-            needs.append(DataNeed(key, rtype, query))
-    needs.append(DataNeed(COVERAGE_NEED_KEY, "Coverage", "Coverage?patient={{context.patientId}}&status=active",
-                          required=False))
+            needs.append(DataNeed(search.key, rtype, search.query))
+    needs.append(DataNeed(COVERAGE.key, "Coverage", COVERAGE.query, required=False))
     return needs
 
 

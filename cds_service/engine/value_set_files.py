@@ -48,9 +48,6 @@ class Expansions:
             self._loaded[path] = load_expansion(path, self.systems)
         return self._loaded[path]
 
-    def files(self) -> list[Path]:
-        return sorted(self._loaded)
-
 
 def _codes(place: str, spec: Mapping[str, Any], systems: CodeSystems, skip: set[str]) -> dict[str, list[str]]:
     codes = {}

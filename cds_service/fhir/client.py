@@ -22,8 +22,8 @@ import logging
 import ssl
 import time
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Mapping
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from http.cookiejar import CookieJar, DefaultCookiePolicy
 from typing import Any
@@ -182,8 +182,34 @@ class FhirPool:
         self._origins.clear()
 
 
+#: told of every search's outcome ("ok", "timeout", "4xx", "5xx", "too_large" or "error") and its duration in
+#: seconds (all its pages); the service's metrics register here
+ReadObserver = Callable[[str, float], None]
+read_observers: list[ReadObserver] = []
+
+
+def _observe(outcome: str, seconds: float) -> None:
+    for observer in read_observers:
+        observer(outcome, seconds)
+
+
+@contextmanager
+def unobserved() -> Iterator[None]:
+    """Searches made meanwhile are not told to the observers (the start-up warm-up's own reads)."""
+    saved = list(read_observers)
+    read_observers.clear()
+    try:
+        yield
+    finally:
+        read_observers[:] = saved
+
+
 class _Unreadable(Exception):
-    """The server's answer cannot be used; the message is for the log."""
+    """The server's answer cannot be used; the message is for the log, ``outcome`` for the metrics."""
+
+    def __init__(self, message: str, outcome: str = "error") -> None:
+        super().__init__(message)
+        self.outcome = outcome
 
 
 class _OverLimit(Exception):
@@ -229,17 +255,26 @@ class FhirClient:
 
         async def one(name: str, query: str) -> None:
             resource_type = query.split("?", 1)[0]
+            started, outcome = time.monotonic(), "error"
             try:
                 results[name] = await self._search(query, deadline)
+                outcome = "ok"
             except _OverLimit:
+                outcome = "too_large"
                 log.warning("FHIR %s search on %s: over the per-call read limit", resource_type, self.host)
                 results[name] = self.limits.exceeded()
             except _Unreadable as error:
+                outcome = error.outcome
                 log.warning("FHIR %s search on %s failed: %s", resource_type, self.host, error)
                 results[name] = Failure(SERVER_UNREADABLE)
             except httpx.InvalidURL:
                 log.error("FHIR %s search on %s: the query URL is invalid", resource_type, self.host)
                 results[name] = Failure("the FHIR query URL built for this request is invalid")
+            except asyncio.CancelledError:  # the call's time budget ran out
+                outcome = "timeout"
+                raise
+            finally:
+                _observe(outcome, time.monotonic() - started)
 
         tasks = [asyncio.create_task(one(name, query)) for name, query in queries.items()]
         _done, pending = await asyncio.wait(tasks, timeout=self.budget) if tasks else (set(), set())
@@ -258,10 +293,10 @@ class FhirClient:
         while url is not None:
             pages += 1
             if pages > MAX_PAGES:
-                raise _Unreadable(f"more than {MAX_PAGES} pages of results")
+                raise _Unreadable(f"more than {MAX_PAGES} pages of results", "too_large")
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                raise _Unreadable(f"timed out after {self.budget:g} s")
+                raise _Unreadable(f"timed out after {self.budget:g} s", "timeout")
             try:
                 bundle = loads(await self._get(url, remaining))
             except JSONDecodeError as error:
@@ -300,7 +335,7 @@ class FhirClient:
             except _Stale:
                 return await self._read_page(url, deadline, fresh=True)
         except (httpx.TimeoutException, TimeoutError):
-            raise _Unreadable(f"timed out after {self.budget:g} s") from None
+            raise _Unreadable(f"timed out after {self.budget:g} s", "timeout") from None
         except httpx.HTTPError as error:
             raise _Unreadable(f"unreachable ({type(error).__name__})") from None
 
@@ -316,10 +351,11 @@ class FhirClient:
                 raise _Stale from None
             try:
                 if response.status_code != 200:
-                    raise _Unreadable(f"HTTP {response.status_code}")
+                    raise _Unreadable(f"HTTP {response.status_code}", f"{response.status_code // 100}xx"
+                                      if response.status_code in range(400, 600) else "error")
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > MAX_PAGE_BYTES:
-                    raise _Unreadable(f"more than {MAX_PAGE_BYTES} bytes in one page")
+                    raise _Unreadable(f"more than {MAX_PAGE_BYTES} bytes in one page", "too_large")
                 if declared.isdigit() and int(declared) > self._bytes_left:
                     raise _OverLimit
                 chunks: list[bytes] = []
@@ -328,7 +364,7 @@ class FhirClient:
                     size += len(chunk)
                     self._bytes_left -= len(chunk)
                     if size > MAX_PAGE_BYTES:
-                        raise _Unreadable(f"more than {MAX_PAGE_BYTES} bytes in one page")
+                        raise _Unreadable(f"more than {MAX_PAGE_BYTES} bytes in one page", "too_large")
                     if self._bytes_left < 0:
                         raise _OverLimit
                     chunks.append(chunk)

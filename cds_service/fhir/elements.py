@@ -174,10 +174,6 @@ class Checked:
     def get_resource_type(self) -> str:
         return self._type
 
-    def checked_values(self) -> dict[str, Any]:
-        """The checked elements present, by JSON name."""
-        return dict(self._values)
-
     def __repr__(self) -> str:
         return f"Checked({self._type}, {sorted(self._values)})"
 

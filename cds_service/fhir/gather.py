@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
 
+from ..errors import ServiceError
 from .bundles import Failure, bundle_problem, is_operation_outcome, operation_outcome_text, resources_in
 from .client import FhirClient
 from .elements import ElementChecks
@@ -16,8 +17,11 @@ from .record import PatientRecord, RawFilter
 PATIENT_ID = "{{context.patientId}}"
 
 
-class DataUnavailable(Exception):
+class DataUnavailable(ServiceError):
     """Required data is neither in the prefetch nor readable from a FHIR server (HTTP 412)."""
+
+    status = 412
+    code = "not-found"
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Only the resource types a decision can use are kept, and within a type only the resources that pass a
 cheap filter on the raw JSON (for example, Observations with a pain-score code). They are checked
-lazily, each at most once: a criterion reads a whole type checked (:meth:`PatientRecord.of_type`) or
+lazily, each at most once: a criterion reads a whole type checked (:meth:`PatientRecord.get`) or
 picks a few resources from the raw JSON and checks only those (:meth:`PatientRecord.raw_of_type`,
 :meth:`PatientRecord.validated`), so a decision that never looks at, say, pain scores never pays for
 them. With :attr:`PatientRecord.checks` (what the decision engine reads of each type, see
@@ -84,30 +84,24 @@ def validation_summary(error: ValidationError, limit: int = 3) -> str:
 
 @dataclass
 class PatientRecord:
-    """Resources by type (kept raw, validated on use), what was skipped and what could not be read."""
+    """Resources by type (kept raw, validated on use), what was skipped and what could not be read. Decisions
+    only read it: what one consulted is the decision's own (engine/context.py, DecisionScope)."""
 
     unavailable: dict[str, str] = field(default_factory=dict)
     skipped: list[Skipped] = field(default_factory=list)
     #: the elements decisions read, by type: those resources are checked element by element (see module)
     checks: ElementChecks | None = None
-    consulted: set[str] = field(default_factory=set)
     _raw: dict[str, list[Mapping[str, Any]]] = field(default_factory=dict)
     _raw_by_reference: dict[str, Mapping[str, Any]] = field(default_factory=dict)
     _models: dict[int, Any] = field(default_factory=dict)
 
-    def of_type(self, resource_type: str) -> list[Any]:
-        """Validated resources of one type; records that the decision consulted this type."""
-        self.consulted.add(resource_type)
-        return self.get(resource_type)
-
     def raw_of_type(self, resource_type: str) -> list[Mapping[str, Any]]:
         """Resources of one type as JSON, not yet validated: for criteria that pick a few among many
-        and validate only those (see :meth:`validated`). Records that the decision consulted this type."""
-        self.consulted.add(resource_type)
+        and validate only those (see :meth:`validated`)."""
         return self._raw.get(resource_type, [])
 
     def get(self, resource_type: str) -> list[Any]:
-        """Validated resources of one type (without recording a consultation)."""
+        """Validated resources of one type."""
         models = (self.validated(raw) for raw in self._raw.get(resource_type, []))
         return [m for m in models if m is not None]
 
@@ -151,10 +145,9 @@ class PatientRecord:
         """How many resources the record holds."""
         return sum(len(items) for items in self._raw.values())
 
-    def technical_gaps(self, consulted: Iterable[str] | None = None) -> dict[str, str]:
-        """Unavailable resource types that the decision consulted (``consulted``, by default those recorded
-        by :meth:`of_type` and :meth:`raw_of_type`): the decision cannot be firm."""
-        types = set(self.consulted if consulted is None else consulted)
+    def technical_gaps(self, consulted: Iterable[str]) -> dict[str, str]:
+        """Unavailable resource types among those a decision ``consulted``: the decision cannot be firm."""
+        types = set(consulted)
         return {t: why for t, why in self.unavailable.items() if t in types}
 
     def add(self, raw: Mapping[str, Any], filters: Mapping[str, RawFilter | None]) -> None:

@@ -71,6 +71,8 @@ def _one_line(text: str) -> str:
 
 
 class CardRenderer:
+    """The card templates of one directory (``cards/``), compiled once; :meth:`cards` words a decision's cards."""
+
     def __init__(self, template_dir: Path) -> None:
         self.env = jinja2.Environment(
             loader=jinja2.FileSystemLoader(str(template_dir)),
@@ -95,9 +97,10 @@ class CardRenderer:
 
     def cards(self, decision: Decision, *, trigger_label: str, order_label: str, payer_name: str,
               policy_url: str, advisory_only: bool, topic: Mapping[str, str], coverage_known: bool = True,
-              notes: list[str] | None = None) -> list[dict[str, Any]]:
+              notes: list[str] | None = None, documentation_form: str | None = None) -> list[dict[str, Any]]:
         """The cards for one decision (see the module's description). ``coverage_known`` is false when no
-        Coverage of the patient was found."""
+        Coverage of the patient was found; ``documentation_form``: one line on the DTR form that asks for
+        what is missing."""
         documentation = self.documentation_needed(decision)
         evidence = decision.evidence[:MAX_EVIDENCE]
         values = {
@@ -114,6 +117,7 @@ class CardRenderer:
             "instructions": documentation,
             "coverage_known": coverage_known,
             "policy_url": policy_url,
+            "documentation_form": documentation_form,
         }
         source = {"label": payer_name, "topic": dict(topic)}
         associated = {"davinci-crd.associated-resource": [{"reference": decision.order_reference}]}

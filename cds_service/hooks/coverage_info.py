@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ..engine.decision import Decision, Outcome
@@ -30,12 +30,14 @@ def coverage_information(
     prior_authorization: str,
     advisory_only: bool,
     policy_url: str,
+    questionnaire: str | None = None,
 ) -> dict[str, Any]:
     """The extension for one decision, in the shape of CRD ``version``. ``coverage`` is the Reference to
     the patient's Coverage (or :data:`UNKNOWN_COVERAGE`). Invariants: not-covered carries no pa-needed;
     a conditional element carries info-needed (OTH, explained by reason); data that could not be read is
     the version's technical answer with its reason code. On order-select (``advisory_only``) no
-    documentation is requested."""
+    documentation is requested. ``questionnaire``: the version-specific canonical of the documentation form
+    that collects what is missing (sent with doc-needed only, crd-ci-q1)."""
     covered = decision.outcome.value
     if decision.technical:
         covered = version.technical_covered
@@ -48,9 +50,11 @@ def coverage_information(
     parts += [{"url": url, "valueCode": code} for url, code in codes.items()]
     if any(codes.get(element) == "conditional" for element in version.info_needed_when):
         parts.append({"url": "info-needed", "valueCode": "OTH"})
+    if questionnaire is not None and "doc-needed" in codes:
+        parts.append({"url": "questionnaire", "valueCanonical": questionnaire})
     if billing_code:
         parts.append({"url": "billingCode", "valueCoding": dict(billing_code)})
-    reason: dict[str, Any] = {"text": decision.reason}
+    reason: dict[str, Any] = {"text": with_policy_versions(decision.reason, [decision.policy_version])}
     if decision.technical:
         reason["coding"] = [dict(version.technical_reason)]
     parts.append({"url": "reason", "valueCodeableConcept": reason})
@@ -87,6 +91,15 @@ def not_assessed_information(*, version: CrdVersion, assertion_id: str, date: st
               {"url": "date", "valueDate": date},
               {"url": "coverage-assertion-id", "valueString": assertion_id}]
     return {"url": EXT_COVERAGE_INFORMATION, "extension": parts}
+
+
+def with_policy_versions(reason: str, versions: Sequence[str]) -> str:
+    """``reason`` followed by the version(s) of the policies it was decided under (CRD has no element for a
+    policy version in either profile; the reason text is free in both, and always sent)."""
+    shown = [v for v in versions if v]
+    if not shown:
+        return reason
+    return f"{reason} Policy version{'s' if len(shown) > 1 else ''}: {', '.join(shown)}."
 
 
 def annotated_order(order: Mapping[str, Any], extension: Mapping[str, Any]) -> dict[str, Any]:

@@ -6,9 +6,11 @@ import datetime as dt
 from collections.abc import Mapping
 from typing import Any
 
+from ..errors import ServiceError
 
-class FeedbackError(ValueError):
-    pass
+
+class FeedbackError(ServiceError):
+    """A feedback body or entry of the wrong shape (400 ``invalid``)."""
 
 
 # The longest values the feedback store keeps in its bounded columns (storage/tables.py; a test keeps the

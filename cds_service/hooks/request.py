@@ -1,5 +1,5 @@
 """A CDS Hooks 2.0 request, validated. Anything of the wrong shape raises :class:`RequestError`
-with a message that names the problem (it becomes a 400 with an OperationOutcome)."""
+with a message that names the problem (it becomes a 400, or the status it names, with an OperationOutcome)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..errors import ServiceError
 from ..fhir.bundles import resources_in
+from ..jsonutil import dumps
 from .versions import DEFAULT as DEFAULT_VERSION
 from .versions import REQUESTED_VERSION, CrdVersion, requested_version, unsupported_version_message
 
@@ -16,18 +18,9 @@ from .versions import REQUESTED_VERSION, CrdVersion, requested_version, unsuppor
 MAX_ORDERS = 100
 
 
-class RequestError(ValueError):
-    """The request is malformed or of the wrong shape; ``status`` is the HTTP status to answer."""
-
-    def __init__(self, message: str, status: int = 400, code: str = "invalid") -> None:
-        super().__init__(message)
-        self.status = status
-        self.code = code
-
-
-def operation_outcome_body(message: str, code: str = "invalid") -> dict[str, Any]:
-    """The FHIR OperationOutcome that reports an error to a client (HTTP answer or CLI output)."""
-    return {"resourceType": "OperationOutcome", "issue": [{"severity": "error", "code": code, "diagnostics": message}]}
+class RequestError(ServiceError):
+    """The request is malformed or of the wrong shape (400 ``invalid``, unless raised with another status:
+    422 for too many orders or a CRD version not served, 404 for an unknown service, 408 for a body too slow)."""
 
 
 @dataclass(frozen=True, repr=False)
@@ -44,6 +37,10 @@ class FhirAccess:
 
 @dataclass
 class HookRequest:
+    """A hook call as read: its hook, instance, patient, orders (the draft orders, the dispatched orders or the
+    appointments), prefetch, FHIR server access, configuration and the CRD version to answer in. ``notes`` say
+    where it was read liberally."""
+
     hook: str
     hook_instance: str
     patient_id: str
@@ -214,6 +211,15 @@ def redact(body: Any) -> Any:
     if not isinstance(body, Mapping) or not any(_is_authorization(key) for key in body):
         return body
     return {key: _redacted(value) if _is_authorization(key) else value for key, value in body.items()}
+
+
+def stored_request(raw: bytes | None, body: Any) -> bytes | None:
+    """The request as the audit keeps it: the bytes as received, or, when it has a ``fhirAuthorization``
+    key, re-serialised with that value redacted (:func:`redact`); None when the body was not a JSON object."""
+    if not isinstance(body, Mapping):
+        return None
+    redacted = redact(body)
+    return raw if redacted is body and raw is not None else dumps(redacted)
 
 
 def _is_authorization(key: object) -> bool:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 from ..engine.context import DECISION_CHECKS
 from ..engine.orders import order_facts
 from ..engine.policy import Policy
+from ..fhir.client import unobserved
 from ..jsonutil import dumps
 from .request import redact
 from .service import SERVICES, CoverageService
@@ -205,7 +205,8 @@ async def _warm(service: CoverageService, orders: list[dict[str, Any]], done: Wa
         body["fhirServer"] = f"http://127.0.0.1:{port}/fhir"
         body["fhirAuthorization"] = {"access_token": "warm-up", "token_type": "Bearer", "expires_in": 60,
                                      "scope": "patient/*.read", "subject": "warm-up"}
-        await _answer(service, "coverage-requirements-order-sign", body, done)
+        with unobserved():  # the warm-up's reads are no EHR's: not in the metrics
+            await _answer(service, "coverage-requirements-order-sign", body, done)
     finally:
         await service.fhir_pool.aclose()  # its connections belong to this loop
         server.close()
@@ -230,13 +231,3 @@ async def warm(service: CoverageService) -> WarmUp:
     log.info("warm-up: %d decisions, %d FHIR searches in %.0f ms", done.decisions, done.fhir_searches,
              done.seconds * 1000)
     return done
-
-
-def warm_up(service: CoverageService) -> WarmUp:
-    """:func:`warm` for a caller without an event loop, or inside one that must not be blocked from within: runs
-    in a thread of its own with its own loop, and waits for it."""
-    found: list[WarmUp] = []
-    thread = threading.Thread(target=lambda: found.append(asyncio.run(warm(service))), name="cds-warm-up")
-    thread.start()
-    thread.join()
-    return found[0] if found else WarmUp(failed=True)

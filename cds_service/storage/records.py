@@ -48,6 +48,8 @@ class AuditRecord:
     cards: Sequence[Mapping[str, Any]] = ()
     #: the Da Vinci CRD version the answer followed ("2.0.1", "2.2.1"); None when no answer was made
     crd_version: str | None = None
+    #: DTR documentation contexts of the call's conditional decisions (storage/dtr_contexts.py rows)
+    dtr_contexts: Sequence[Mapping[str, Any]] = field(default_factory=list)
     key: str = field(default_factory=new_key)
 
     DOCUMENTS: ClassVar[tuple[str, ...]] = ("orders", "decisions", "response", "request")

@@ -3,7 +3,7 @@
 Audit and feedback records leave the request path through :meth:`Store.hand_off`, which never waits
 for the database: the record is queued for the writer (writer.py), or, when the writer is behind,
 appended to the local spool (spool.py) within ``HANDOFF_SECONDS``. The writer stores records
-idempotently (each has a unique key), and isolates a record the database refuses instead of failing
+idempotently (audit_db.py; each record has a unique key), and isolates a record the database refuses instead of failing
 its batch. ``close()`` (on graceful shutdown, e.g. SIGTERM under uvicorn) flushes what is queued to
 the database, or to the spool when the database does not take it in time.
 """
@@ -13,21 +13,19 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import threading
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import postgresql, sqlite
 
+from .audit_db import AuditDatabase
 from .background import Background
-from .db import engine_for, migrate
 from .health import DatabaseProbe
 from .records import AuditRecord, FeedbackRecord, Record
 from .spool import DEFAULT_MAX_BYTES, Spool, default_spool_dir
-from .tables import card_decision, feedback, hook_audit, jwt_replay, storable
+from .tables import card_decision, feedback, hook_audit, jwt_replay
 from .writer import AuditWriter, ProcessWriter, ThreadWriter, WriterSettings
 
 __all__ = ["AuditRecord", "FeedbackRecord", "Store"]
@@ -42,29 +40,25 @@ def _utcnow() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
-def _insert_new(connection: sa.Connection, table: sa.Table, key: str) -> Any:
-    """INSERT that skips rows whose ``key`` is already stored (a record written twice is stored once)."""
-    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table).on_conflict_do_nothing(index_elements=[key])
-
-
 class Store:
+    """The audit log, feedback and JWT replay store on one database, as the serving process uses them: records
+    handed off without waiting for the database (a writer and the spool behind it), readiness, exports,
+    retention and the replay check."""
+
     def __init__(self, url: str, writer: str = "thread", max_queued: int = 64, *,
                  spool_dir: str | Path | None = None, spool_max_bytes: int = DEFAULT_MAX_BYTES,
-                 database_timeout: float = 5.0, require_database: bool = True, migrate_now: bool = True) -> None:
+                 database_timeout: float = 5.0, require_database: bool = True) -> None:
         """``writer``: "thread" (a background thread), "process" (a child process: see writer.py) or
         "none" (records are written only by :meth:`write_records`; no spool). The schema is migrated at
-        once (``migrate_now``), or before the first write. Without ``require_database``, a database that
-        is down or does not answer within ``database_timeout`` does not stop the store: the writer
-        migrates the schema once it answers."""
+        once. Without ``require_database``, a database that is down or does not answer within
+        ``database_timeout`` does not stop the store: the writer migrates the schema once it answers."""
         self.url = url
         self.database_timeout = database_timeout
-        self.engine = engine_for(url, database_timeout)
-        self._migrated = False
-        self._migrate_lock = threading.Lock()
-        if migrate_now and require_database:
+        self.database = AuditDatabase(url, database_timeout)
+        self.engine = self.database.engine
+        if require_database:
             self.ensure_schema()
-        elif migrate_now:
+        else:
             self._try_schema()
         self._replay_checks = 0
         self._writer: AuditWriter | None = None
@@ -88,10 +82,7 @@ class Store:
 
     def ensure_schema(self) -> None:
         """Migrate to the newest schema once per store (idempotent; raises when the database is away)."""
-        with self._migrate_lock:
-            if not self._migrated:
-                migrate(self.engine)
-                self._migrated = True
+        self.database.ensure_schema()
 
     def _try_schema(self) -> None:
         runner = Background("cds-migrate")
@@ -131,50 +122,9 @@ class Store:
         self._writer.revive()
 
     def write_records(self, records: Sequence[Record]) -> list[Record]:
-        """Store records now, idempotently (one already stored is skipped). A record the database refuses
-        (a value it cannot hold) does not fail the others: the batch is retried one record at a time, and
-        the refused ones are returned. Raises when the database is unavailable."""
-        if not records:
-            return []
-        self.ensure_schema()
-        try:
-            self._insert(records)
-            return []
-        except (sa.exc.DataError, sa.exc.IntegrityError):
-            pass
-        except sa.exc.ProgrammingError:
-            self._migrated = False  # e.g. the tables were dropped: migrate again on the next attempt
-            raise
-        rejected = []
-        for record in records:
-            try:
-                self._insert([record])
-            except (sa.exc.DataError, sa.exc.IntegrityError) as error:
-                log.error("audit database refused %s: %s", record.describe(), type(error).__name__)
-                rejected.append(record)
-        return rejected
-
-    def _insert(self, records: Sequence[Record]) -> None:
-        audits = [r for r in records if isinstance(r, AuditRecord)]
-        entries = [r for r in records if isinstance(r, FeedbackRecord)]
-        with self.engine.begin() as connection:
-            if audits:
-                connection.execute(_insert_new(connection, hook_audit, "record_key"), [storable(hook_audit, {
-                    "received_at": r.received_at, "service_id": r.service_id, "hook": r.hook,
-                    "hook_instance": r.hook_instance, "issuer": r.issuer, "patient_id": r.patient_id,
-                    "status_code": r.status_code, "latency_ms": r.latency_ms, "orders": r.orders,
-                    "decisions": r.decisions, "response": r.response, "request": r.request, "record_key": r.key,
-                    "crd_version": r.crd_version,
-                }) for r in audits])
-                cards = [storable(card_decision, dict(c)) for r in audits for c in r.cards]
-                if cards:
-                    connection.execute(_insert_new(connection, card_decision, "card_uuid"), cards)
-            if entries:
-                connection.execute(_insert_new(connection, feedback, "record_key"), [storable(feedback, {
-                    "received_at": e.received_at, "service_id": e.service_id, "card_uuid": e.card_uuid,
-                    "outcome": e.outcome, "outcome_timestamp": e.outcome_timestamp, "issuer": e.issuer,
-                    "entry": e.entry, "record_key": e.key,
-                }) for e in entries])
+        """Store records now (see :meth:`AuditDatabase.write_records`): what the thread writer and
+        ``cds-service audit replay`` call; the refused records are returned."""
+        return self.database.write_records(records)
 
     async def record_feedback(self, service_id: str, entries: Sequence[Mapping[str, Any]],
                               issuer: str | None) -> None:
@@ -205,6 +155,11 @@ class Store:
         ready = database["state"] == "up"
         return {"status": "ready" if ready else "not-ready", "database": database, "audit": audit}
 
+    def audit_queued(self) -> int | None:
+        """Records queued for this process's audit writer now (None: no writer, or not known)."""
+        queued = self._writer.state().get("queued") if self._writer is not None else None
+        return queued if isinstance(queued, int) and queued >= 0 else None
+
     @staticmethod
     async def _bounded(future: Future[Any], timeout: float) -> Any:
         try:
@@ -221,7 +176,7 @@ class Store:
         for closing in (self._probe, self._background, self.spool):
             if closing is not None:
                 closing.close()
-        self.engine.dispose()
+        self.database.close()
 
     def audit_export(self, since: dt.datetime | None = None) -> Iterator[dict[str, Any]]:
         query = sa.select(hook_audit).order_by(hook_audit.c.id)
@@ -240,10 +195,6 @@ class Store:
             connection.execute(card_decision.delete().where(card_decision.c.created_at < cutoff))
             connection.execute(jwt_replay.delete().where(jwt_replay.c.expires_at < _utcnow()))
         return int(removed or 0)
-
-    def audit_count(self) -> int:
-        with self.engine.connect() as connection:
-            return int(connection.execute(sa.select(sa.func.count()).select_from(hook_audit)).scalar_one())
 
     # --- feedback ---------------------------------------------------------------------------
 

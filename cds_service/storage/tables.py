@@ -8,6 +8,7 @@ from typing import Any
 
 import orjson
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 
 COMPRESS_OVER = 2048
 _ZLIB_HEADER = 0x78  # every zlib stream starts with it; JSON text never does
@@ -108,3 +109,9 @@ def storable(table: sa.Table, row: dict[str, Any]) -> dict[str, Any]:
             value = value.replace("\x00", "\ufffd")
             out[name] = value[:length] if length else value
     return out
+
+
+def insert_new(connection: sa.Connection, table: sa.Table, key: str) -> Any:
+    """INSERT that skips rows whose ``key`` is already stored (a record written twice is stored once)."""
+    dialect = postgresql if connection.dialect.name == "postgresql" else sqlite
+    return dialect.insert(table).on_conflict_do_nothing(index_elements=[key])

@@ -39,6 +39,9 @@ from concurrent.futures import wait as wait_for_future
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+from ..observability.logs import configure_from_environment
+from ..observability.metrics import AUDIT_WRITTEN
+from .audit_db import AuditDatabase
 from .background import Background
 from .records import Record
 from .spool import Position, Spool
@@ -160,6 +163,7 @@ class Pump:
             return
         self._failures = 0
         self._set_state("up")
+        AUDIT_WRITTEN.inc(len(flight.records) - len(rejected))
         self._spool.reject(rejected)
         if flight.end is not None:
             self._spool.advance(flight.end)
@@ -285,10 +289,16 @@ class ThreadWriter:
 
 @dataclass(frozen=True)
 class WriterSettings:
+    """What the writer process needs (picklable: the process is spawned): where the database and the spool are."""
+
     url: str
     spool_dir: str
     spool_max_bytes: int
     database_timeout: float
+
+    def open_database(self) -> AuditDatabase:
+        """The database, as the writer process opens it (the schema is migrated before the first write)."""
+        return AuditDatabase(self.url, self.database_timeout)
 
 
 def _child(settings: WriterSettings, records: Any, parent: int) -> None:
@@ -296,16 +306,15 @@ def _child(settings: WriterSettings, records: Any, parent: int) -> None:
     # sent to the whole process group cannot stop the writer before the records are spooled.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    from .store import Store
-
-    store = Store(settings.url, writer="none", database_timeout=settings.database_timeout, migrate_now=False)
+    configure_from_environment()
+    database = settings.open_database()
     spool = Spool(settings.spool_dir, settings.spool_max_bytes)
     try:
-        run_pump(Pump(store.write_records, spool, settings.database_timeout), spool, records.get,
+        run_pump(Pump(database.write_records, spool, settings.database_timeout), spool, records.get,
                  records.get_nowait, orphaned=lambda: os.getppid() != parent)
     finally:
         spool.close()
-        store.close()
+        database.close()
 
 
 class ProcessWriter:

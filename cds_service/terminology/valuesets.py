@@ -146,12 +146,6 @@ class ValueSet:
                 listed.setdefault(system_name, []).append(entry)
         self.listed: dict[str, tuple[str, ...]] = {k: tuple(v) for k, v in listed.items()}
 
-    @classmethod
-    def of(cls, name: str, title: str, systems: CodeSystems, codes: Mapping[str, Sequence[str]],
-           text: Iterable[str] = (), source: str = "defined in code", **options: object) -> ValueSet:
-        """A value set from one block of codes (tests and ad-hoc sets)."""
-        return cls(name, title, systems, [CodeBlock(source, codes)], text=text, **options)  # type: ignore[arg-type]
-
     def __repr__(self) -> str:
         return f"ValueSet({self.name!r})"
 
@@ -197,14 +191,6 @@ class ValueSet:
         """How ``concept`` belongs to this value set ("system|code" or 'text "phrase"'), or None."""
         found = self.find(concept)
         return found.how if found else None
-
-    def match_text(self, texts: Iterable[str | None]) -> str | None:
-        """The first phrase of this value set found (not negated) in any of ``texts``, or None."""
-        return self.text.find_any(texts)
-
-    def system_codes(self, system_name: str) -> tuple[str, ...]:
-        """The codes listed for one system, as written (used to build scoped prefetch queries)."""
-        return self.listed.get(system_name, ())
 
     def canonical_uri(self, system_name: str) -> str:
         return self._systems.get(system_name).canonical

@@ -4,20 +4,22 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import os
 import sys
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any
 
 from starlette.applications import Starlette
 
-from ..config import load_config
+from ..config import ENV_RUN_DIR, load_config
 from ..hooks.warmup import warm
 from .app import create_app
 
 
 async def _warm_routes(app: Starlette) -> None:
-    """Send through the app itself the requests that store nothing (a health check, a hook call to a service
-    that does not exist), so that routing, middleware and responses are warm too."""
+    """Send through the app itself a request that stores, logs and counts nothing (a health check), so that its
+    middleware stack (built on first use), routing and responses are warm too."""
 
     async def receive() -> dict[str, Any]:
         return {"type": "http.request", "body": b"{}", "more_body": False}
@@ -25,7 +27,7 @@ async def _warm_routes(app: Starlette) -> None:
     async def send(message: Mapping[str, Any]) -> None:
         pass
 
-    for method, path in (("GET", "/health"), ("POST", "/cds-services/warm-up-no-such-service")):
+    for method, path in (("GET", "/health"),):
         scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
                  "scheme": "http", "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
                  "headers": [(b"host", b"127.0.0.1"), (b"content-type", b"application/json")],
@@ -40,7 +42,8 @@ def app_from_environment() -> Starlette:
     # 5 ms switch interval a busy event loop starves it: measured with bench/run.py, typical-request
     # throughput fell by a quarter and p99 tripled. See bench/README.md.
     sys.setswitchinterval(0.0005)
-    app = create_app(load_config())
+    run_dir = os.environ.get(ENV_RUN_DIR)  # set by `cds-service serve`: the policy generation to follow
+    app = create_app(load_config(), run_dir=Path(run_dir) if run_dir else None)
     service = app.state.cds.service
     serve = app.router.lifespan_context
 

@@ -17,11 +17,14 @@ class CriterionError(ValueError):
 
 
 class Lookup(Protocol):
-    """How a criterion finds what its parameters name: value sets, and named tables of the policy file."""
+    """How a criterion finds what its parameters name: value sets, named tables of the policy file, and the
+    criteria it combines (``any_of``, ``all_of``, ``not``)."""
 
     def value_set(self, name: str) -> ValueSet: ...
 
     def table(self, name: str) -> Any: ...
+
+    def criterion(self, spec: Any) -> Criterion: ...
 
 
 class Criterion:
@@ -93,12 +96,6 @@ def one_value_set(lookup: Lookup, params: Any, key: str) -> ValueSet:
         raise CriterionError(f"'{key}' must name one value set")
     return lookup.value_set(found[0])
 
-
-def flag(params: Mapping[str, Any], key: str, default: bool) -> bool:
-    value = params.get(key, default)
-    if not isinstance(value, bool):
-        raise CriterionError(f"'{key}' must be true or false")
-    return value
 
 
 def number(params: Mapping[str, Any], key: str, default: float | None, low: float, high: float) -> float:

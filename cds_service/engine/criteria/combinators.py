@@ -32,9 +32,7 @@ class Not(Criterion):
     kind = "not"
 
     def __init__(self, params: Any, lookup: Lookup) -> None:
-        from . import build_criterion
-
-        self.inner = build_criterion(params, lookup)
+        self.inner = lookup.criterion(params)
 
     def children(self) -> Sequence[Criterion]:
         return [self.inner]
@@ -52,11 +50,9 @@ class AnyOf(Criterion):
     kind = "any_of"
 
     def __init__(self, params: Any, lookup: Lookup) -> None:
-        from . import build_criterion
-
         if not isinstance(params, list) or not params:
             raise CriterionError(f"{self.kind}: expected a non-empty list of criteria")
-        self.items = [build_criterion(p, lookup) for p in params]
+        self.items = [lookup.criterion(p) for p in params]
 
     def children(self) -> Sequence[Criterion]:
         return self.items
