@@ -6,9 +6,10 @@ function that does it.
 
 Stages (exclusive of the stages inside them): parsing the body (orjson and the nesting check), reading the
 request (CDS Hooks shape), the orders (as read, in scope of a policy), checking the in-scope orders whole
-(fhir.resources), the record (prefetch bundles, filters), the decisions, the cards, the coverage information and
-'not assessed' orders (fhir.resources), serialising the response, the audit hand-off, and the rest (Starlette's
-routing, CORS, the body's arrival, the response object).
+(fhir.resources), the record (prefetch bundles, filters), the decisions, the cards, the documentation forms
+(DTR: the completed forms read, a form pre-filled for a decision that waits on documentation), the coverage
+information and 'not assessed' orders (fhir.resources), serialising the response, the audit hand-off, and the
+rest (Starlette's routing, CORS, the body's arrival, the response object).
 """
 
 from __future__ import annotations
@@ -39,6 +40,9 @@ STAGES = [
     ("record: prefetch bundles, filters", "cds_service.hooks.service.CoverageService", "gather"),
     ("decisions (criteria, element checks)", "cds_service.hooks.service.CoverageService", "_decide"),
     ("cards (Jinja, markdown escaping)", "cds_service.hooks.cards.CardRenderer", "cards"),
+    ("documentation form pre-filled (DTR: FHIRPath over the record)",
+     "cds_service.dtr.documentation.DocumentationForms", "context"),
+    ("completed forms read (DTR)", "cds_service.hooks.service.CoverageService", "documented"),
     ("coverage information", "cds_service.hooks.service", "coverage_information"),
     ("'not assessed' orders (fhir.resources)", "cds_service.hooks.service.CoverageService", "_not_assessed"),
     ("serialise the response (orjson)", "cds_service.web.app", "json_response"),
