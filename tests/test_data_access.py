@@ -411,3 +411,28 @@ def test_a_medication_the_request_cannot_resolve_is_read_from_the_fhir_server(se
         router.get(url__startswith=FHIR).mock(return_value=httpx.Response(404))
         [decision] = run(service, body).decisions
     assert (decision.outcome.value, decision.rule_id) == ("conditional", "drug-unidentified")
+
+
+def test_the_record_is_read_while_the_completed_forms_are(service: CoverageService) -> None:
+    """The completed-form search and the record's searches overlap (the EHR's latency is paid once): the
+    QuestionnaireResponse search answers only once the Condition search has arrived; read one after the other,
+    it would run out of its time and the decision would say the forms could not be read."""
+    body = with_server(scenario_request(TRIAL), drop=("conditions", "questionnaireResponses"))
+    condition_asked = asyncio.Event()
+
+    async def responses(request: httpx.Request) -> httpx.Response:
+        await asyncio.wait_for(condition_asked.wait(), timeout=5)
+        return httpx.Response(200, json=searchset([]))
+
+    def conditions(request: httpx.Request) -> httpx.Response:
+        condition_asked.set()
+        return httpx.Response(200, json=searchset(by_type("Condition")))
+
+    with respx.mock(assert_all_called=False) as router:
+        router.get(url__startswith=f"{FHIR}/QuestionnaireResponse?").mock(side_effect=responses)
+        condition = router.get(url__startswith=f"{FHIR}/Condition?").mock(side_effect=conditions)
+        result = run(service, body)
+    assert condition.call_count == 1  # read ahead once, not again when the record is assembled
+    decision = pump_decision(result)
+    assert decision.outcome.value == "covered" and not decision.technical
+    assert not [n for n in decision.notes if "documentation forms" in n], decision.notes

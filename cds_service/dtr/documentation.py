@@ -13,7 +13,7 @@ from ..engine.decision import Decision, Outcome
 from ..engine.policy import PolicySet
 from ..fhir.record import PatientRecord
 from .forms import Form, FormSet, Section, load_forms, rules_of
-from .prefill import prefill
+from .prefill import chart
 from .questionnaire import canonical
 
 FORMS_DIR = "forms"
@@ -60,8 +60,9 @@ class DocumentationForms:
 
     def context(self, decision: Decision, link: FormLink, record: PatientRecord,
                 coverage: Mapping[str, Any]) -> dict[str, Any]:
-        """What the package request needs: the form, the sections, what was missing and the answers the
-        record gives (pre-filled by the service)."""
+        """What the package request needs: the form, the sections, what was missing and the searches the
+        form's pre-fill expressions read, answered from the record (the answers are computed from them when
+        the package is asked for: :meth:`Packager.draft`)."""
         items = [item for section in link.sections for item in section.items]
         return {
             "policy": decision.policy_id,
@@ -73,5 +74,5 @@ class DocumentationForms:
             "sections": [s.id for s in link.sections],
             "gaps": [{"kind": g.kind, **({"about": g.about} if g.about else {}), "text": g.text}
                      for g in decision.gaps],
-            "answers": prefill(link.form, items, record, self.policies.systems),
+            "chart": chart(link.form, items, record),
         }

@@ -20,7 +20,8 @@ from typing import Any
 from ..engine.orders import order_facts
 from ..engine.policy import PolicySet
 from ..errors import ServiceError
-from .forms import DTR, SECTIONS_ITEM, Form, FormSet
+from .forms import DTR, SECTIONS_ITEM, Form, FormSet, Section
+from .prefill import answers_from
 from .questionnaire import (
     canonical,
     fhir_base,
@@ -264,6 +265,15 @@ class Packager:
         return {"resourceType": "Bundle", "id": str(uuid.uuid4()), "type": "collection",
                 "timestamp": _now(), "entry": entries}
 
+    def answers(self, form: Form, sections: Sequence[Section], context: Mapping[str, Any]) -> dict[str, Any]:
+        """The service's pre-filled answers for ``sections``: the form's ``initial`` expressions over the
+        searches the hook call answered from the chart (kept with the decision)."""
+        bundles = context.get("chart")
+        if not isinstance(bundles, Mapping):
+            return {}
+        items = [item for section in sections for item in section.items]
+        return answers_from(form, items, bundles, self.policies.systems)
+
     def draft(self, form: Form, request: PackageInput, context: Mapping[str, Any] | None,
               base_url: str) -> dict[str, Any]:
         """The initial QuestionnaireResponse (DTR oper-18): subject the Coverage's beneficiary, the Coverage
@@ -283,8 +293,8 @@ class Packager:
             "patient") else None)
         items: list[dict[str, Any]] = []
         if context is not None:
-            answers: Mapping[str, Any] = context.get("answers") or {}
             sections = [s for s in form.sections if s.id in (context.get("sections") or [])]
+            answers = self.answers(form, sections, context)
             items.append({"linkId": SECTIONS_ITEM, "answer": [
                 {"extension": [ORIGIN_SERVER], "valueCoding": section_coding(s)} for s in sections]})
             items += [{"linkId": i.link_id, "answer": [{"extension": [ORIGIN_SERVER], **answers[i.link_id]}]}

@@ -65,13 +65,21 @@ def answer_value(form: Form, item: Item, value: Any, systems: CodeSystems) -> di
     return None
 
 
-def prefill(form: Form, items: Sequence[Item], record: PatientRecord,
-            systems: CodeSystems) -> dict[str, dict[str, Any]]:
-    """linkId -> the answer the record gives (for the items with an ``initial`` expression whose searches
-    could be answered)."""
-    bundles: dict[str, Any] = {}
-    for name, query in form.variables.items():
-        bundles[name] = search_record(record, query)
+def chart(form: Form, items: Sequence[Item], record: PatientRecord) -> dict[str, Any]:
+    """The searches the ``initial`` expressions of ``items`` use, answered from the record (name -> searchset
+    Bundle, or None when that type could not be read). Cheap: kept with the decision so the answers are
+    computed when a DTR client asks for the package, not while the EHR waits for its cards."""
+    used: set[str] = set()
+    for item in items:
+        if item.initial is not None:
+            used.update(re.findall(r"%([A-Za-z][A-Za-z0-9_]*)", expression(form, item.initial)))
+    return {name: search_record(record, query) for name, query in form.variables.items() if name in used}
+
+
+def answers_from(form: Form, items: Sequence[Item], bundles: Mapping[str, Any],
+                 systems: CodeSystems) -> dict[str, dict[str, Any]]:
+    """linkId -> the answer the searches give (for the items with an ``initial`` expression whose searches
+    could all be answered)."""
     answers: dict[str, dict[str, Any]] = {}
     for item in items:
         if item.initial is None:
@@ -90,3 +98,4 @@ def prefill(form: Form, items: Sequence[Item], record: PatientRecord,
             if answer is not None:
                 answers[item.link_id] = answer
     return answers
+

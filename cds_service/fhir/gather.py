@@ -50,20 +50,12 @@ class DataNeed:
 ClientFactory = Callable[[], FhirClient]
 
 
-async def gather_record(
-    needs: Sequence[DataNeed],
-    prefetch: Mapping[str, Any],
-    patient_id: str,
-    client_factory: ClientFactory | None,
-    server_problem: str | None,
-    checks: ElementChecks | None = None,
-) -> PatientRecord:
-    """The record for ``needs``. ``client_factory`` is None when no FHIR server may be read, with
-    ``server_problem`` saying why; then a required need missing from the prefetch raises
-    :class:`DataUnavailable`. ``checks``: what decisions read of each type (see :class:`PatientRecord`)."""
-    record = PatientRecord(checks=checks)
-    filters: dict[str, RawFilter | None] = {n.resource_type: n.keep for n in needs}
-    filters.setdefault("Medication", None)
+#: searches already made, by query (see :func:`read_needs`)
+Reads = Mapping[str, "list[Mapping[str, Any]] | Failure"]
+
+
+def to_read(needs: Sequence[DataNeed], prefetch: Mapping[str, Any]) -> dict[str, tuple[DataNeed, str]]:
+    """The needs the prefetch does not answer (by key), each with why."""
     to_fetch: dict[str, tuple[DataNeed, str]] = {}
     for need in needs:
         if need.key not in prefetch:
@@ -78,6 +70,39 @@ async def gather_record(
             to_fetch[need.key] = (need, "the prefetch value is not a FHIR resource")
         elif problem := bundle_problem(value):
             to_fetch[need.key] = (need, problem)
+    return to_fetch
+
+
+async def read_needs(needs: Sequence[DataNeed], prefetch: Mapping[str, Any], patient_id: str,
+                     client_factory: ClientFactory | None) -> dict[str, list[Mapping[str, Any]] | Failure]:
+    """The FHIR server's answers to the searches the prefetch does not answer, by query: made ahead of
+    :func:`gather_record` (which then reuses those whose query it still needs)."""
+    if client_factory is None:
+        return {}
+    queries = {need.query_for(patient_id) for need, _ in to_read(needs, prefetch).values()}
+    if not queries:
+        return {}
+    async with client_factory() as client:
+        return await client.search_all({query: query for query in sorted(queries)})
+
+
+async def gather_record(
+    needs: Sequence[DataNeed],
+    prefetch: Mapping[str, Any],
+    patient_id: str,
+    client_factory: ClientFactory | None,
+    server_problem: str | None,
+    checks: ElementChecks | None = None,
+    already: Reads | None = None,
+) -> PatientRecord:
+    """The record for ``needs``. ``client_factory`` is None when no FHIR server may be read, with
+    ``server_problem`` saying why; then a required need missing from the prefetch raises
+    :class:`DataUnavailable`. ``checks``: what decisions read of each type (see :class:`PatientRecord`).
+    ``already``: searches made ahead (:func:`read_needs`), not made again."""
+    record = PatientRecord(checks=checks)
+    filters: dict[str, RawFilter | None] = {n.resource_type: n.keep for n in needs}
+    filters.setdefault("Medication", None)
+    to_fetch = to_read(needs, prefetch)
     for value in prefetch.values():
         record.add_all(resources_in(value), filters)
     if not to_fetch:
@@ -92,8 +117,12 @@ async def gather_record(
         for need, reason in to_fetch.values():
             record.mark_unavailable(need.resource_type, reason)
         return record
-    async with client_factory() as client:
-        results = await client.search_all({k: n.query_for(patient_id) for k, (n, _) in to_fetch.items()})
+    made = already or {}
+    results = {k: made[n.query_for(patient_id)] for k, (n, _) in to_fetch.items() if n.query_for(patient_id) in made}
+    remaining = {k: n.query_for(patient_id) for k, (n, _) in to_fetch.items() if k not in results}
+    if remaining:
+        async with client_factory() as client:
+            results.update(await client.search_all(remaining))
     for key, result in results.items():
         need = to_fetch[key][0]
         if isinstance(result, Failure):

@@ -27,7 +27,7 @@ from ..engine.requirements import COVERAGE_NEED_KEY, data_needs, prefetch_templa
 from ..fhir import client as fhir_client
 from ..fhir.bundles import is_operation_outcome
 from ..fhir.client import FhirClient, FhirPool, ReadLimits
-from ..fhir.gather import ClientFactory, DataNeed, gather_record
+from ..fhir.gather import ClientFactory, DataNeed, Reads, gather_record, read_needs
 from ..fhir.record import PatientRecord
 from ..paths import data_dir
 from ..urls import Allowlist, fhir_server_problem
@@ -440,17 +440,30 @@ class CoverageService:
             self._needs[key] = data_needs(policies, self.policies.systems)
         return self._needs[key]
 
+    def denied(self, request: HookRequest, needs: Sequence[DataNeed], access: FhirAccessPlan) -> list[DataNeed]:
+        """The needs the server would have to answer but the token's scope does not grant a search for."""
+        scopes = parse_scopes(request.fhir.scope if request.fhir else None)
+        return [n for n in needs if access.factory is not None and not scopes.allows_search(n.resource_type)
+                and (n.key not in request.prefetch or is_operation_outcome(request.prefetch[n.key]))]
+
+    async def read_ahead(self, request: HookRequest, needs: Sequence[DataNeed],
+                         access: FhirAccessPlan) -> dict[str, Any]:
+        """The record's server searches, made while the completed forms are read (their answers can change
+        which policy governs an order: :meth:`gather` then makes what is still missing)."""
+        denied = self.denied(request, needs, access)
+        return await read_needs([n for n in needs if n not in denied], request.prefetch, request.patient_id,
+                                access.factory)
+
     async def gather(self, request: HookRequest, needs: Sequence[DataNeed], access: FhirAccessPlan,
-                     documented: Mapping[str, Any] | None = None) -> PatientRecord:
+                     documented: Mapping[str, Any] | None = None, already: Reads | None = None) -> PatientRecord:
         """The record for ``needs``; a search the token's scope does not grant is not made (the data is
         then unavailable, saying why). ``documented``: resources completed forms gave, read first (so that a
-        confirmation of a diagnosis comes before the provisional one it confirms)."""
-        scopes = parse_scopes(request.fhir.scope if request.fhir else None)
-        denied = [n for n in needs if access.factory is not None and not scopes.allows_search(n.resource_type)
-                  and (n.key not in request.prefetch or is_operation_outcome(request.prefetch[n.key]))]
+        confirmation of a diagnosis comes before the provisional one it confirms). ``already``: searches
+        made ahead (:meth:`read_ahead`)."""
+        denied = self.denied(request, needs, access)
         prefetch = {"_documentation": documented, **request.prefetch} if documented else request.prefetch
         record = await gather_record([n for n in needs if n not in denied], prefetch, request.patient_id,
-                                     access.factory, access.problem, DECISION_CHECKS)
+                                     access.factory, access.problem, DECISION_CHECKS, already)
         for need in denied:
             record.mark_unavailable(need.resource_type, "the access token's scope does not allow reading it")
         return record
@@ -477,17 +490,27 @@ class CoverageService:
         fetched = await self.fetch_medications(scope, access)
         if fetched:
             scope = self.in_scope(request, decidables, fetched)
+        ahead: asyncio.Task[dict[str, Any]] | None = None
         if scope.items and request.hook != "order-select":
-            documentation = await self.documented(request, access, base_url)
+            if access.factory is not None:
+                guess = list({item.policy.id: item.policy for item in scope.items}.values())
+                ahead = asyncio.create_task(self.read_ahead(request, self.needs_for(guess), access))
+            try:
+                documentation = await self.documented(request, access, base_url)
+            except BaseException:
+                if ahead is not None:
+                    ahead.cancel()
+                raise
             if documentation.sources or documentation.notes:
                 scope = self.in_scope(request, decidables, fetched, documentation)
+        already = await ahead if ahead is not None else None
         unreadable = self.unreadable(scope) if scope.items else {}
         readable = [item.policy for item in scope.items if not unreadable[item.order.reference]]
         policies = list({policy.id: policy for policy in readable}.values())
         record = None
         if policies:
             documented = scope.documentation.bundle() if scope.documentation.resources else None
-            record = await self.gather(request, self.needs_for(policies), access, documented)
+            record = await self.gather(request, self.needs_for(policies), access, documented, already)
             if scope.documentation.sources:
                 for source, gap in conflicts(scope.documentation, record, self.policies.systems):
                     scope.conflicts.setdefault(source.form.policy_id, []).append(gap)

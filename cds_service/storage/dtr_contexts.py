@@ -1,6 +1,6 @@
 """What a DTR ``$questionnaire-package`` request needs of a coverage decision, kept by its
 coverage-assertion-id (the CRD ``context``): the policy and form, the patient and order, what was missing, the
-sections to show and the service's pre-filled answers.
+sections to show and the chart searches its pre-filled answers are computed from.
 
 Rows ride the audit record of the hook call (:attr:`AuditRecord.dtr_contexts`): the writer stores them with
 it, off the request path and durably (the spool keeps them while the database is away), so every replica
