@@ -215,19 +215,26 @@ class EvaluationContext:
         return iter(counted)
 
     def _conditions(self, status: str) -> Iterator[CountedCondition]:
-        rule = self.statuses.rule(status)
         for condition in self.resources("Condition"):
-            verification = status_code(condition.verificationStatus)
-            if verification in self.statuses.never:
-                continue
-            clinical = status_code(condition.clinicalStatus)
-            if clinical is None:
-                if rule.without_clinical_status == "unless-abated" and abated(condition):
-                    continue
-            elif clinical not in rule.clinical:
-                continue
-            question = verification if verification in self.statuses.question else None
-            yield CountedCondition(condition, self.concept(condition.code), reference_of(condition), question)
+            counted = self.counted(condition, status)
+            if counted is not None:
+                yield counted
+
+    def counted(self, condition: Any, status: str) -> CountedCondition | None:
+        """``condition`` as it counts under the status rule ``status``, or None when the rule does not count it
+        (refuted or entered-in-error always; resolved, inactive or abated as the rule says)."""
+        rule = self.statuses.rule(status)
+        verification = status_code(condition.verificationStatus)
+        if verification in self.statuses.never:
+            return None
+        clinical = status_code(condition.clinicalStatus)
+        if clinical is None:
+            if rule.without_clinical_status == "unless-abated" and abated(condition):
+                return None
+        elif clinical not in rule.clinical:
+            return None
+        question = verification if verification in self.statuses.question else None
+        return CountedCondition(condition, self.concept(condition.code), reference_of(condition), question)
 
     def onset(self, condition: Any) -> dt.datetime | None:
         """When a Condition began (onsetDateTime, onsetPeriod.start), or None."""

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..terminology import Coding, Concept, ValueSet, normalise_icd10
-from .context import EvaluationContext, Indication, reference_of
+from .context import EvaluationContext, Indication, status_code
 
 
 @dataclass(frozen=True)
@@ -39,6 +39,8 @@ class IndicationRules:
     missing: str
     not_indications: ValueSet | None = None
     more_specific: tuple[Specificity, ...] = ()
+    #: the status rule (condition-status.yaml) a diagnosis must meet to be the order's indication
+    status: str = "current"
 
 
 @dataclass
@@ -114,41 +116,47 @@ def _note_text(ctx: EvaluationContext, found: list[Indication]) -> None:
 def indication_candidates(rules: IndicationRules, ctx: EvaluationContext) -> Candidates:
     out = Candidates()
     order = ctx.order
-    reasons: list[tuple[Concept, str, str, Any | None]] = [
-        (r, "order reasonCode", order.reference, None) for r in order.reasons]
+    reasons: list[tuple[Concept, str, str, Any | None, str | None]] = [
+        (r, "order reasonCode", order.reference, None, None) for r in order.reasons]
     for ref in order.reason_references:
         ctx.scope.consulted.add("Condition")
         resource = ctx.record.resolve(ref)
-        if resource is not None and resource.get_resource_type() == "Condition":
-            reasons.append((ctx.concept(resource.code), "order reasonReference", reference_of(resource), resource))
-        else:
+        if resource is None or resource.get_resource_type() != "Condition":
             out.notes.append(f"reasonReference {ref} could not be resolved to a Condition")
+            continue
+        counted = ctx.counted(resource, rules.status)
+        if counted is None:
+            out.notes.append(f"reasonReference {ref} is not a current diagnosis (clinical status "
+                             f"{status_code(resource.clinicalStatus) or 'not given'}, verification status "
+                             f"{status_code(resource.verificationStatus) or 'not given'}): it does not count")
+            continue
+        reasons.append((counted.concept, "order reasonReference", counted.reference, resource, counted.question))
     if not reasons and order.notes:
-        reasons = [(Concept((), " ".join(order.notes)), "order note", order.reference, None)]
+        reasons = [(Concept((), " ".join(order.notes)), "order note", order.reference, None, None)]
         from_note = True
     else:
         from_note = False
     usable = []
-    for concept, source, reference, condition in reasons:
+    for concept, source, reference, condition, question in reasons:
         mechanical = rules.not_indications.find(concept) if rules.not_indications is not None else None
         if mechanical is not None:
             out.notes.append(f"the order's reason '{concept.label()}' describes the device, not an indication "
                              f"[{mechanical.how}]: the indication is taken from the record")
             continue
-        usable.append((concept, source, reference, condition))
-    for concept, source, reference, condition in usable:
-        found, placed = _split(concept, source, reference, rules.gate_sets, condition, None)
+        usable.append((concept, source, reference, condition, question))
+    for concept, source, reference, condition, question in usable:
+        found, placed = _split(concept, source, reference, rules.gate_sets, condition, question)
         _note_text(ctx, found)
         if placed:
             out.items.extend(found)
         elif not from_note:
-            out.unplaced.append(Indication(concept, source, reference, concept, condition))
+            out.unplaced.append(Indication(concept, source, reference, concept, condition, False, question))
     if out.items or out.unplaced:
         out.from_order = True
         out.items, notes = most_specific(out.items, rules.more_specific)
         out.notes.extend(notes)
         return out
-    for counted in ctx.conditions("current"):
+    for counted in ctx.conditions(rules.status):
         found, _ = _split(counted.concept, "problem list", counted.reference, rules.recognised, counted.resource,
                           counted.question)
         _note_text(ctx, found)

@@ -311,7 +311,11 @@ def _triggers(where: str, data: Any, lookup: _Lookup) -> list[Trigger]:
 
 
 def _indication(where: str, data: Any, lookup: _Lookup, rules: Sequence[Rule]) -> IndicationRules:
-    spec = _keys(f"{where}: indication", data, {"recognised", "missing"}, {"not_indications", "more_specific"})
+    spec = _keys(f"{where}: indication", data, {"recognised", "missing"},
+                 {"not_indications", "more_specific", "status"})
+    status = spec.get("status", "current")
+    if status not in ("current", "history"):
+        raise PolicyError(f"{where}: indication.status must be 'current' or 'history'")
     try:
         recognised = tuple(lookup.value_set(n) for n in spec["recognised"])
         not_indications = lookup.value_set(spec["not_indications"]) if "not_indications" in spec else None
@@ -329,7 +333,7 @@ def _indication(where: str, data: Any, lookup: _Lookup, rules: Sequence[Rule]) -
                 if isinstance(criterion, IndicationIn):
                     gates.update((vs.name, vs) for vs in criterion.sets)
     return IndicationRules(recognised, tuple(gates.values()), _text(f"{where}: indication.missing", spec["missing"]),
-                           not_indications, tuple(specific))
+                           not_indications, tuple(specific), status)
 
 
 def _rules(where: str, data: Any, lookup: _Lookup) -> list[Rule]:

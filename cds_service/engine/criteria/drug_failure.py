@@ -4,6 +4,8 @@ US Core EHRs send the medication list as MedicationRequest (stopped / completed 
 statusReason); others as MedicationStatement or MedicationAdministration; an intolerance may be an
 AllergyIntolerance with its reaction. Each is read; this call's draft orders are never history. The reason
 may be coded or written (read whole-word and negation-aware: "no side effects" is not a side effect).
+Words that name an adverse effect or a failure only in passing (``stop_reason_words``: "sedation", "fatigue",
+"failed") count only when they are the record's stop reason (statusReason), never in a note.
 """
 
 from __future__ import annotations
@@ -28,26 +30,29 @@ class DrugFailure(Criterion):
 
     def __init__(self, params: Any, lookup: Lookup) -> None:
         p = check_keys(self.kind, params, {"drug", "failure_reasons"},
-                       {"exclude_routes", "exclude_drugs", "allergy"})
+                       {"exclude_routes", "exclude_drugs", "allergy", "stop_reason_words"})
         self.drug = one_value_set(lookup, p, "drug")
         self.exclude_routes = value_sets(lookup, p, "exclude_routes") if "exclude_routes" in p else []
         self.exclude_drugs = value_sets(lookup, p, "exclude_drugs") if "exclude_drugs" in p else []
         self.failure_reasons = one_value_set(lookup, p, "failure_reasons")
         self.allergy = one_value_set(lookup, p, "allergy") if "allergy" in p else None
+        self.stop_reason_words = one_value_set(lookup, p, "stop_reason_words") if "stop_reason_words" in p else None
 
     def searches(self) -> Mapping[str, Sequence[ValueSet] | None]:
         return {t: None for t in self.reads if t != "Medication"}
 
-    def _reasons(self, ctx: EvaluationContext, rtype: str, model: Any) -> Iterator[Concept]:
+    def _reasons(self, ctx: EvaluationContext, rtype: str, model: Any) -> Iterator[tuple[Concept, list[ValueSet]]]:
+        """Each written or coded reason on the record, with the vocabularies it is read with."""
+        stop_reason = [self.failure_reasons, *([self.stop_reason_words] if self.stop_reason_words else [])]
         reason = model.statusReason
         for item in reason if isinstance(reason, list) else [reason] if reason is not None else []:
-            yield ctx.concept(item)
+            yield ctx.concept(item), stop_reason
         if rtype == "MedicationAdministration":
             for item in model.reasonCode or []:
-                yield ctx.concept(item)
+                yield ctx.concept(item), [self.failure_reasons]
         for note in model.note or []:
             if note.text:
-                yield Concept((), note.text)
+                yield Concept((), note.text), [self.failure_reasons]
 
     def _dosages(self, rtype: str, model: Any) -> list[Any]:
         if rtype == "MedicationRequest":
@@ -81,8 +86,8 @@ class DrugFailure(Criterion):
                 ref = raw_reference(raw)
                 status = str(model.status)
                 if status in _ENDED or rtype == "MedicationAdministration":
-                    for reason in self._reasons(ctx, rtype, model):
-                        found = self.failure_reasons.find(reason)
+                    for reason, vocabularies in self._reasons(ctx, rtype, model):
+                        found = next((f for f in (vs.find(reason) for vs in vocabularies) if f), None)
                         if found is not None:
                             if found.via_text:
                                 ctx.scope.read_text(f"{ref}: reason written '{reason.label()}'")

@@ -38,9 +38,16 @@ class PumpDrug:
 
 @dataclass(frozen=True)
 class Approval:
+    """A drug approved for pump use by ``routes`` for ``indications``; with ``confirm``, only in one formulation
+    that the drug's codes do not show (the answer asks for it)."""
+
     drug: ValueSet
     routes: tuple[ValueSet, ...]
     indications: tuple[str, ...]
+    confirm: str | None = None
+
+    def route_names(self) -> set[str]:
+        return {vs.name for vs in self.routes}
 
 
 @dataclass(frozen=True)
@@ -61,10 +68,11 @@ class ApprovalTable:
             raise CriterionError(f"table {name}: 'approved' must be a non-empty list")
         approvals = []
         for i, item in enumerate(p["approved"]):
-            entry = check_keys(f"table {name}: approved[{i}]", item, {"drug", "routes", "indications"})
+            entry = check_keys(f"table {name}: approved[{i}]", item, {"drug", "routes", "indications"}, {"confirm"})
             indications = names(entry, "indications")
+            confirm = " ".join(str(entry["confirm"]).split()) if "confirm" in entry else None
             approvals.append(Approval(lookup.value_set(names(entry, "drug")[0]),
-                                      tuple(value_sets(lookup, entry, "routes")), tuple(indications)))
+                                      tuple(value_sets(lookup, entry, "routes")), tuple(indications), confirm))
         known = tuple(value_sets(lookup, p, "known")) if "known" in p else ()
         diluents = lookup.value_set(names(p, "diluents")[0]) if "diluents" in p else None
         return cls(str(p["source"]), tuple(approvals), known, diluents)
@@ -220,7 +228,7 @@ class PumpDrugApproved(Criterion):
                 gaps.append(Gap(f"the route of the pump drug {named.title} ({pump_drug.reference})",
                                 "state the pump drug's route", "pump-drug"))
                 continue
-            allowed = {vs.name for a in for_indication for vs in a.routes}
+            allowed = {name for a in for_indication for name in a.route_names()}
             if not route.names <= allowed:
                 titles = sorted({vs.title for a in for_indication for vs in a.routes})
                 return self._fail(f"the pump drug '{pump_drug.label()}' is {named.title} [{how}], by the "
@@ -228,6 +236,12 @@ class PumpDrugApproved(Criterion):
                                   f"{named.title} is FDA approved for pump use by the {' or '.join(titles)} route, "
                                   f"not {route.words}", [pump_drug],
                                   f"{named.title} is not FDA approved for {route.words} pump use")
+            by_route = [a for a in for_indication if route.names & a.route_names()]
+            if all(a.confirm for a in by_route):
+                gaps.append(Gap(f"confirmation {by_route[0].confirm}: the pump drug '{pump_drug.label()}' "
+                                f"({pump_drug.reference}) is {named.title} [{how}], by the {route.words} route",
+                                "confirm the pump drug's product", "pump-drug"))
+                continue
             evidence.append(Evidence(pump_drug.reference,
                                      f"the pump drug '{pump_drug.label()}' ({pump_drug.where}) is {named.title} "
                                      f"[{how}], FDA approved by the {route.words} route for {self.words} "
