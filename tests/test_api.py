@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import copy
 import json
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 from starlette.testclient import TestClient
 
+from cds_service.hooks.service import CoverageService
+from cds_service.storage.store import Store
 from cds_service.web.app import create_app
 
 from .support import FIXTURES, HOOK_CORPUS, SERVICE_FOR_HOOK, hook_request, load, make_config, scenario_request
@@ -256,3 +259,24 @@ def test_public_requests_get_200_or_a_clear_4xx(client: TestClient, path: Path) 
     else:  # 412: the orders order-dispatch names are neither prefetched nor readable
         assert response.status_code in (400, 412)
         assert response.json()["issue"][0]["diagnostics"]
+
+
+def test_a_fault_of_the_service_is_a_500_that_is_still_audited(sqlite_url: str, monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    async def broken(self: CoverageService, *args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("decision failed for patient Jane Doe")
+
+    monkeypatch.setattr(CoverageService, "handle", broken)
+    body = scenario_request(KETAMINE)
+    with TestClient(create_app(make_config(sqlite_url)), raise_server_exceptions=False) as client:
+        assert_outcome(client.post(SIGN, json=body), 500, "internal error")
+    store = Store(sqlite_url, writer="none")
+    try:
+        deadline = time.monotonic() + 10
+        while not list(store.audit_export()) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        exported = list(store.audit_export())
+    finally:
+        store.close()
+    assert [(row["hook_instance"], row["status_code"]) for row in exported] == [(body["hookInstance"], 500)]
+    assert "RuntimeError" in caplog.text and "Jane Doe" not in caplog.text

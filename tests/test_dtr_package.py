@@ -15,14 +15,18 @@ import respx
 import sqlalchemy as sa
 from starlette.testclient import TestClient
 
+from cds_service.dtr.forms import load_forms
+from cds_service.dtr.prefill import MAX_CHART_ENTRIES, chart
+from cds_service.fhir.record import PatientRecord
 from cds_service.storage.dtr_contexts import dtr_context
 from cds_service.storage.store import Store
 from cds_service.web.app import create_app
 
 from .dtr_client import PACKAGE, SIGN, bundle_of, coverage_info, hook, package_request
-from .support import ES, auth_config, make_config
+from .support import ES, ROOT, auth_config, make_config
 
 PUMP = "order-sign-pump-chronic-pain-no-trial"
+FORMS = ROOT / "policies" / "forms"
 
 
 @pytest.fixture
@@ -187,3 +191,31 @@ def test_conditional_answers_name_the_form_in_both_crd_versions(service: Any, na
     (conditional,) = [p for p in parts if p["covered"]["valueCode"] == "conditional"]
     assert conditional["doc-needed"]["valueCode"] == "clinical"
     assert conditional["questionnaire"]["valueCanonical"].startswith("https://cds.example.org/fhir/Questionnaire/mp-")
+
+
+def test_the_draft_names_its_coverage_and_order_even_when_asked_with_the_assertion_alone(app: TestClient) -> None:
+    body, info = conditional(app)
+    full = package_request(body, info)
+    alone = {**full, "parameter": [p for p in full["parameter"] if p["name"] != "order"]}
+    coverage_id = full["parameter"][0]["resource"]["id"]
+    for request in (full, alone):
+        draft = bundle_of(app.post(PACKAGE, json=request).json())["entry"][1]["resource"]
+        context = {(e["url"].rsplit("/", 1)[1], e["valueReference"]["reference"]) for e in draft["extension"]
+                   if "valueReference" in e}
+        assert context == {("qr-coverage", f"Coverage/{coverage_id}"), ("qr-context", "ServiceRequest/pump")}
+        assert draft["item"] and all(answer["extension"][0]["extension"][0]["valueCode"] == "auto-server"
+                                     for item in draft["item"] for answer in item["answer"])
+
+
+def test_the_chart_kept_for_the_prefill_is_bounded(policies: Any) -> None:
+    forms = load_forms(FORMS, policies)
+    form = forms.by_id("mp-442")
+    assert form is not None
+    record = PatientRecord()
+    conditions = [{"resourceType": "Condition", "id": f"c{i}", "subject": {"reference": "Patient/p1"},
+                   "code": {"coding": [{"system": "http://hl7.org/fhir/sid/icd-10-cm", "code": "G89.29"}]}}
+                  for i in range(MAX_CHART_ENTRIES * 3)]
+    record.add_all(conditions, {"Condition": None})
+    bundles = chart(form, list(form.items()), record)
+    assert bundles["conditions"]["total"] == MAX_CHART_ENTRIES * 3
+    assert len(bundles["conditions"]["entry"]) == MAX_CHART_ENTRIES

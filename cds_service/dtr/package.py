@@ -283,10 +283,12 @@ class Packager:
         extensions: list[dict[str, Any]] = []
         if isinstance(coverage_id, str):
             extensions.append({"url": DTR + "qr-coverage", "valueReference": {"reference": f"Coverage/{coverage_id}"}})
-        for order in request.orders:
-            if order.get("resourceType") in QR_CONTEXT_TYPES and isinstance(order.get("id"), str):
-                extensions.append({"url": DTR + "qr-context",
-                                   "valueReference": {"reference": f"{order['resourceType']}/{order['id']}"}})
+        orders = [f"{o['resourceType']}/{o['id']}" for o in request.orders
+                  if o.get("resourceType") in QR_CONTEXT_TYPES and isinstance(o.get("id"), str)]
+        stored = context.get("order") if context else None
+        if not orders and isinstance(stored, str) and stored.split("/", 1)[0] in QR_CONTEXT_TYPES:
+            orders = [stored]  # asked with the coverage-assertion id alone: the order the assertion was made for
+        extensions += [{"url": DTR + "qr-context", "valueReference": {"reference": o}} for o in orders]
         extensions.append({"url": DTR + "intendedUse", "valueCodeableConcept": {"coding": [
             {"system": CRD_CODES, "code": "withorder", "display": "With order"}]}})
         subject = patient_of(request.coverage) or (f"Patient/{context['patient']}" if context and context.get(

@@ -65,15 +65,26 @@ def answer_value(form: Form, item: Item, value: Any, systems: CodeSystems) -> di
     return None
 
 
+#: at most this many resources per search are kept for the pre-fill (the first ones: the newest, where the search
+#: sorts by date); the FHIRPath evaluation's cost grows with them, and a pre-filled answer is a suggestion the
+#: clinician confirms, so a chart beyond this leaves an item empty rather than costing seconds
+MAX_CHART_ENTRIES = 100
+
+
 def chart(form: Form, items: Sequence[Item], record: PatientRecord) -> dict[str, Any]:
     """The searches the ``initial`` expressions of ``items`` use, answered from the record (name -> searchset
-    Bundle, or None when that type could not be read). Cheap: kept with the decision so the answers are
-    computed when a DTR client asks for the package, not while the EHR waits for its cards."""
+    Bundle, or None when that type could not be read), each cut to :data:`MAX_CHART_ENTRIES` (``total`` keeps
+    the count). Cheap: kept with the decision so the answers are computed when a DTR client asks for the
+    package, not while the EHR waits for its cards."""
     used: set[str] = set()
     for item in items:
         if item.initial is not None:
             used.update(re.findall(r"%([A-Za-z][A-Za-z0-9_]*)", expression(form, item.initial)))
-    return {name: search_record(record, query) for name, query in form.variables.items() if name in used}
+    bundles = {name: search_record(record, query) for name, query in form.variables.items() if name in used}
+    for bundle in bundles.values():
+        if bundle is not None:
+            bundle["entry"] = bundle["entry"][:MAX_CHART_ENTRIES]
+    return bundles
 
 
 def answers_from(form: Form, items: Sequence[Item], bundles: Mapping[str, Any],

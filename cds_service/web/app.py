@@ -44,7 +44,7 @@ from ..storage.replay import ReplayGuard
 from ..storage.store import AuditRecord, Store
 from ..urls import is_loopback
 from . import dtr
-from .errors import BodyTooLarge, Unauthorized, error_response, http_error, server_error
+from .errors import BodyTooLarge, Unauthorized, error_response, http_error, internal_error, server_error
 from .reloading import POLL_SECONDS, PolicyFollower
 
 log = logging.getLogger("cds_service.web")
@@ -189,6 +189,9 @@ class CdsApp:
         except ServiceError as error:
             error_code = error.code
             response = error_response(error)
+        except Exception as error:  # a fault of the service's own: answered 500, and still audited and counted
+            error_code = "exception"
+            response = internal_error(f"{request.method} {request.url.path}", error)
         if authenticated:
             await self.audit(service_id, raw, body, result, principal, response, received, started)
         self.observe_hook(service_id, body, result, response, started, error_code)

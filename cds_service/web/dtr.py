@@ -15,6 +15,7 @@ import logging
 from collections.abc import Mapping
 from typing import Any, Protocol
 
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -135,7 +136,9 @@ class DtrRoutes:
                 raise PackageError(f"no coverage assertion {parsed.context!r} is known for this Coverage's patient "
                                    "(unknown, or expired)", status=404, code="not-found")
             packager = self.packager  # one policy generation answers the whole call
-            return fhir_response(packager.package(parsed, context, self.base(request)))
+            # the pre-fill evaluates FHIRPath over the stored chart: off the event loop, so no other call waits
+            package = await run_in_threadpool(packager.package, parsed, context, self.base(request))
+            return fhir_response(package)
         except ServiceError as error:
             return error_response(error)
 

@@ -4,6 +4,7 @@ FHIR OperationOutcome with its status (a refused token as ``{"error": "unauthori
 from __future__ import annotations
 
 import logging
+import traceback
 from typing import Any
 
 from starlette.exceptions import HTTPException
@@ -52,6 +53,14 @@ async def http_error(request: Request, exc: Exception) -> Response:
     return error_response(ServiceError(str(exc.detail), exc.status_code, code), headers=headers)
 
 
-async def server_error(request: Request, exc: Exception) -> Response:
-    log.error("internal error on %s %s: %s", request.method, request.url.path, type(exc).__name__)
+def internal_error(where: str, exc: BaseException) -> Response:
+    """A fault of the service's own: 500 with an OperationOutcome. The log names the exception's type and where
+    it was raised, never its message (which may quote the request)."""
+    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
+    place = f" at {frame.filename.rsplit('/', 1)[-1]}:{frame.lineno}" if frame else ""
+    log.error("internal error on %s: %s%s", where, type(exc).__name__, place)
     return error_response(ServiceError("internal error", 500, "exception"))
+
+
+async def server_error(request: Request, exc: Exception) -> Response:
+    return internal_error(f"{request.method} {request.url.path}", exc)
