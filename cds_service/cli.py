@@ -96,6 +96,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _stopped(signum: int, frame: object) -> None:
+    raise SystemExit(0)
+
+
 def _run_uvicorn(args: argparse.Namespace, config: Config, log_config: dict[str, Any],
                  reload_policies: Callable[[], None]) -> None:
     """uvicorn, as ``uvicorn.run`` runs it, with SIGHUP reloading the policy files: in the one serving
@@ -110,6 +114,10 @@ def _run_uvicorn(args: argparse.Namespace, config: Config, log_config: dict[str,
         limit_concurrency=config.server.limit_concurrency, timeout_keep_alive=config.server.timeout_keep_alive_seconds)
     if args.workers <= 1:
         signal.signal(signal.SIGHUP, lambda *_: reload_policies())
+        # uvicorn shuts down gracefully on SIGTERM/SIGINT, then raises the signal again under the handler it
+        # found: end the process normally there (exit 0), so serve's cleanup runs (run directory, metrics)
+        for stop in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(stop, _stopped)
         server = uvicorn.Server(settings)
         server.run()
         if not server.started:

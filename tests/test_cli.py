@@ -11,7 +11,8 @@ import pytest
 
 from cds_service.config import ConfigError, load_config, parse_config
 
-from .support import FIXTURES, load, scenario_request
+from .serverproc import ServerProcess
+from .support import FIXTURES, load, scenario_request, write_config
 
 
 def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -89,3 +90,15 @@ def test_evaluate_reports_bad_requests_without_a_traceback(tmp_path: Path) -> No
     outcomes = [json.loads(line) for line in result.stdout.splitlines()]
     assert [o["resourceType"] for o in outcomes] == ["OperationOutcome", "OperationOutcome"]
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_sigterm_ends_serve_cleanly_and_it_cleans_up(tmp_path: Path, workers: int) -> None:
+    """A container's stop: exit status 0, and the run directory no longer names a serving process."""
+    run_dir = tmp_path / "run"
+    config = write_config(tmp_path, f"sqlite:///{tmp_path / 'cds.sqlite3'}", f'[server]\nrun_dir = "{run_dir}"\n')
+    server = ServerProcess(config, workers=workers)
+    pid_files = list(run_dir.glob("*/serve.pid"))
+    code = server.stop()
+    assert pid_files and code == 0, server.log.read_text()
+    assert not list(run_dir.glob("*/serve.pid")) and "Traceback" not in server.log.read_text()
