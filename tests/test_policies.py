@@ -273,3 +273,11 @@ def test_each_policy_has_a_version_that_changes_with_its_files(tmp_path: Path, p
     changed = load_policies(broken_copy(tmp_path, "  category: Surgery", "  category: Surgery  # edited"))
     assert {p.id: p.version for p in changed.policies}["MP-442"] != versions["MP-442"]
     assert {p.id: p.version for p in changed.policies}["MP-446"] == versions["MP-446"]
+
+
+def test_a_change_to_a_documentation_form_is_a_new_policy_version(tmp_path: Path, policy_set: PolicySet) -> None:
+    """Completed forms become evidence through the forms' extraction rules: a decision is reproducible only
+    with the same forms."""
+    versions = {p.id: p.version for p in policy_set.policies}
+    changed = load_policies(broken_copy(tmp_path, "form:\n", "form:  # edited\n", file="forms/mp-442.yaml"))
+    assert all(p.version != versions[p.id] for p in changed.policies)

@@ -481,7 +481,9 @@ def load_policies(directory: Path) -> PolicySet:
     except ValueSetFileError as error:
         raise PolicyError(str(error)) from None
     digest = hashlib.sha256()
-    for path in [*(directory / name for name in SHARED_FILES), *sorted((directory / "valuesets").glob("*.json"))]:
+    # the documentation forms too: their extraction rules turn completed answers into evidence decisions read
+    for path in [*(directory / name for name in SHARED_FILES), *sorted((directory / "valuesets").glob("*.json")),
+                 *sorted((directory / "forms").glob("*.yaml"))]:
         digest.update(path.read_bytes())
     shared = _Shared(systems, shared_sets, _statuses(directory / "condition-status.yaml"), text_rules,
                      _outcomes(directory / "outcomes.yaml"), expansions, digest.hexdigest())
