@@ -11,7 +11,7 @@ import httpx
 import pytest
 import respx
 
-from cds_service.fhir.client import SERVER_UNREADABLE, FhirClient, FhirPool, PoolLimits
+from cds_service.fhir.client import SERVER_UNREADABLE, CallBudget, FhirClient, FhirPool, PoolLimits, ReadLimits
 from cds_service.hooks.service import CoverageService
 
 from .support import searchset
@@ -177,3 +177,44 @@ def test_a_server_that_keeps_failing_is_not_retried_forever() -> None:
     failure, calls = asyncio.run(scenario())
     assert failure.reason == SERVER_UNREADABLE
     assert calls == 2  # once, then once more on a new connection
+
+
+def test_the_read_limits_bound_the_whole_call_across_its_clients() -> None:
+    """The completed forms, the record and referenced Medications are read by separate clients of one call:
+    what they read together stays within the call's limits, and its one deadline."""
+    condition = {"resourceType": "Condition", "id": "c", "subject": {"reference": "Patient/p1"}}
+    limits = ReadLimits(max_total_bytes=1_000_000, max_resources=5)
+
+    async def scenario() -> tuple[Any, Any, Any]:
+        pool = FhirPool()
+        call = CallBudget(limits, 3.0)
+        with respx.mock(assert_all_called=False) as router:
+            router.get(url__startswith=f"{A}/Condition").mock(
+                return_value=httpx.Response(200, json=searchset([condition] * 3)))
+            async with FhirClient(A, "t", 3.0, limits=limits, pool=pool, call=call) as first:
+                one = await first.search_all({"conditions": "Condition?patient=p1"})
+            async with FhirClient(A, "t", 3.0, limits=limits, pool=pool, call=call) as second:
+                two = await second.search_all({"conditions": "Condition?patient=p1"})
+            async with FhirClient(A, "t", 3.0, limits=limits, pool=pool) as alone:
+                three = await alone.search_all({"conditions": "Condition?patient=p1"})
+        await pool.aclose()
+        return one["conditions"], two["conditions"], three["conditions"]
+
+    first, second, alone = asyncio.run(scenario())
+    assert isinstance(first, list) and isinstance(alone, list)  # 3 of 5, and a client outside the call
+    assert not isinstance(second, list) and "more data than this service reads" in second.reason
+
+
+def test_a_call_whose_deadline_has_passed_reads_nothing_more() -> None:
+    async def scenario() -> Any:
+        pool = FhirPool()
+        with respx.mock(assert_all_called=False) as router:
+            route = router.get(url__startswith=f"{A}/Condition").mock(
+                return_value=httpx.Response(200, json=searchset([])))
+            async with FhirClient(A, "t", 3.0, pool=pool, call=CallBudget(ReadLimits(), 0.0)) as client:
+                found = await client.search_all({"conditions": "Condition?patient=p1"})
+        await pool.aclose()
+        return found["conditions"], route.call_count
+
+    found, calls = asyncio.run(scenario())
+    assert not isinstance(found, list) and found.reason == SERVER_UNREADABLE and calls == 0

@@ -54,6 +54,20 @@ class ReadLimits:
                        f"(at most {self.max_total_bytes} bytes and {self.max_resources} resources)")
 
 
+class CallBudget:
+    """What one hook call may still read from the FHIR server, shared by every client it makes (the completed
+    forms, the record, referenced Medications...): :class:`ReadLimits` over all of them, and one deadline."""
+
+    def __init__(self, limits: ReadLimits, seconds: float) -> None:
+        self.limits = limits
+        self.bytes_left = limits.max_total_bytes
+        self.resources_left = limits.max_resources
+        self.deadline = time.monotonic() + seconds
+
+    def seconds_left(self) -> float:
+        return max(0.0, self.deadline - time.monotonic())
+
+
 @dataclass(frozen=True)
 class PoolLimits:
     """Bounds on the process's FHIR connections: per origin, and how many origins are kept."""
@@ -225,9 +239,10 @@ class FhirClient:
 
     def __init__(self, base_url: str, access_token: str | None, budget_seconds: float,
                  transport: httpx.AsyncBaseTransport | None = None, limits: ReadLimits | None = None,
-                 pool: FhirPool | None = None) -> None:
+                 pool: FhirPool | None = None, call: CallBudget | None = None) -> None:
         """``base_url`` must be a server :func:`cds_service.urls.fhir_server_problem` accepted. Without
-        ``pool`` the call has a pool of its own, closed when it ends."""
+        ``pool`` the call has a pool of its own, closed when it ends. ``limits`` and ``budget_seconds`` bound
+        this client; ``call``, when given, bounds it together with the hook call's other clients."""
         self.base = canonical_url(base_url).rstrip("/") + "/"
         parts = urlsplit(self.base)
         self.host = parts.netloc
@@ -236,9 +251,13 @@ class FhirClient:
         self.limits = limits or ReadLimits()
         self._bytes_left = self.limits.max_total_bytes
         self._resources_left = self.limits.max_resources
+        self._call = call
         self._headers = {"Authorization": f"Bearer {access_token}"} if access_token else {}
         self._own_pool = pool is None
         self._pool = pool or FhirPool(transport=transport)
+
+    def _bytes_allowed(self) -> int:
+        return min(self._bytes_left, self._call.bytes_left) if self._call is not None else self._bytes_left
 
     async def __aenter__(self) -> FhirClient:
         return self
@@ -251,7 +270,8 @@ class FhirClient:
         """Run each named search (a path and encoded query relative to the server) concurrently; results or
         failures by name, within the time budget."""
         results: dict[str, list[Mapping[str, Any]] | Failure] = {}
-        deadline = time.monotonic() + self.budget
+        budget = min(self.budget, self._call.seconds_left()) if self._call is not None else self.budget
+        deadline = time.monotonic() + budget
 
         async def one(name: str, query: str) -> None:
             resource_type = query.split("?", 1)[0]
@@ -277,12 +297,12 @@ class FhirClient:
                 _observe(outcome, time.monotonic() - started)
 
         tasks = [asyncio.create_task(one(name, query)) for name, query in queries.items()]
-        _done, pending = await asyncio.wait(tasks, timeout=self.budget) if tasks else (set(), set())
+        _done, pending = await asyncio.wait(tasks, timeout=budget) if tasks else (set(), set())
         for task in pending:
             task.cancel()
         for name in queries:
             if name not in results:
-                log.warning("FHIR %s search on %s: timed out after %g s", name, self.host, self.budget)
+                log.warning("FHIR %s search on %s: timed out after %g s", name, self.host, round(budget, 2))
                 results[name] = Failure(SERVER_UNREADABLE)
         return results
 
@@ -305,7 +325,9 @@ class FhirClient:
                 raise _Unreadable("the answer is not a Bundle")
             page = list(resources_in(bundle))
             self._resources_left -= len(page)
-            if self._resources_left < 0:
+            if self._call is not None:
+                self._call.resources_left -= len(page)
+            if self._resources_left < 0 or (self._call is not None and self._call.resources_left < 0):
                 raise _OverLimit
             found.extend(page)
             url = self._next(bundle)
@@ -356,16 +378,18 @@ class FhirClient:
                 declared = response.headers.get("content-length", "")
                 if declared.isdigit() and int(declared) > MAX_PAGE_BYTES:
                     raise _Unreadable(f"more than {MAX_PAGE_BYTES} bytes in one page", "too_large")
-                if declared.isdigit() and int(declared) > self._bytes_left:
+                if declared.isdigit() and int(declared) > self._bytes_allowed():
                     raise _OverLimit
                 chunks: list[bytes] = []
                 size = 0
                 async for chunk in response.aiter_bytes():
                     size += len(chunk)
                     self._bytes_left -= len(chunk)
+                    if self._call is not None:
+                        self._call.bytes_left -= len(chunk)
                     if size > MAX_PAGE_BYTES:
                         raise _Unreadable(f"more than {MAX_PAGE_BYTES} bytes in one page", "too_large")
-                    if self._bytes_left < 0:
+                    if self._bytes_allowed() < 0:
                         raise _OverLimit
                     chunks.append(chunk)
                 return b"".join(chunks)

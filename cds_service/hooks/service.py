@@ -26,7 +26,7 @@ from ..engine.policy import Policy, PolicySet, TriggerMatch, load_policies
 from ..engine.requirements import COVERAGE_NEED_KEY, data_needs, prefetch_templates
 from ..fhir import client as fhir_client
 from ..fhir.bundles import is_operation_outcome
-from ..fhir.client import FhirClient, FhirPool, ReadLimits
+from ..fhir.client import CallBudget, FhirClient, FhirPool, ReadLimits
 from ..fhir.gather import ClientFactory, DataNeed, Reads, gather_record, read_needs
 from ..fhir.record import PatientRecord
 from ..paths import data_dir
@@ -205,6 +205,8 @@ class FhirAccessPlan:
 
     factory: ClientFactory | None
     problem: str | None
+    #: what the whole call may still read (every client the factory makes, and the completed forms' reader)
+    budget: CallBudget | None = None
 
 
 class CoverageService:
@@ -314,12 +316,13 @@ class CoverageService:
         if problem is not None:
             return FhirAccessPlan(None, problem)
         access = request.fhir
+        budget = CallBudget(self.settings.fhir_limits, self.settings.fhir_timeout_seconds)
 
         def factory() -> FhirClient:
             return FhirClient(access.server, access.access_token, self.settings.fhir_timeout_seconds,
-                              limits=self.settings.fhir_limits, pool=self.fhir_pool)
+                              limits=self.settings.fhir_limits, pool=self.fhir_pool, call=budget)
 
-        return FhirAccessPlan(factory, None)
+        return FhirAccessPlan(factory, None, budget)
 
     async def decidables(self, request: HookRequest, access: FhirAccessPlan) -> list[Decidable]:
         """The resources the policies decide for this hook (see hook_orders)."""
@@ -390,7 +393,7 @@ class CoverageService:
             def factory() -> FhirClient:
                 assert fhir is not None
                 return FhirClient(fhir.server, fhir.access_token, self.settings.fhir_timeout_seconds / 3,
-                                  limits=share, pool=self.fhir_pool)
+                                  limits=share, pool=self.fhir_pool, call=access.budget)
 
         responses, notes = await form_evidence.read_responses(request.prefetch, request.patient_id, factory)
         found, more = sources(responses, self.documentation.forms, self.settings.public_base_url or base_url,
