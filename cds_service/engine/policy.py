@@ -96,15 +96,26 @@ class Trigger:
         return TriggerMatch(self, how)
 
     def _unidentified(self, order: OrderFacts) -> TriggerMatch | None:
-        """A drug order whose drug cannot be identified at all (its Medication could not be read) may still be
-        this policy's: when its route is the trigger's (or not stated). The decision then asks to confirm it."""
+        """A drug order whose drug cannot be identified at all may still be this policy's: its Medication
+        could not be read, or it is named by no text or display and coded only in systems the trigger's drug
+        list does not use (a bare NDC). When its route is the trigger's (or not stated), the decision asks to
+        confirm the drug."""
         drug = order.drug
-        if self.unidentified_drug_route is None or drug is None or drug.identified:
+        if self.unidentified_drug_route is None or drug is None:
             return None
+        if drug.identified:
+            named = any(text for c in drug.concepts for text in c.texts())
+            placeable = self.code_in.systems()
+            coded = [f"{k.system}|{k.code}" for c in drug.concepts for k in c.codings]
+            if named or any(k.system in placeable for c in drug.concepts for k in c.codings):
+                return None
+            why = f"coded only as {', '.join(coded[:3])}, in no code system the {self.label} list uses, unnamed"
+        else:
+            why = drug.unresolved_reference or "no code or name"
         routes = [r for r in order.routes if r.codings or r.text]
         if routes and not any(self.unidentified_drug_route.find(r) for r in routes):
             return None
-        return TriggerMatch(self, f"drug not identified ({drug.unresolved_reference or 'no code or name'})", True)
+        return TriggerMatch(self, f"drug not identified ({why})", True)
 
 
 @dataclass(frozen=True)

@@ -151,6 +151,10 @@ class ValueSet:
 
     # --- membership ------------------------------------------------------------------------
 
+    def systems(self) -> frozenset[str]:
+        """The code systems this value set lists codes in (by their short names)."""
+        return frozenset(self._include)
+
     def contains(self, coding: Coding) -> bool:
         return self.contains_code(coding.system, coding.code)
 
