@@ -11,6 +11,8 @@ from typing import Any
 import pytest
 from starlette.testclient import TestClient
 
+from cds_service.engine.decision import Evidence
+from cds_service.hooks.cards import by_resource
 from cds_service.hooks.service import CoverageService
 
 from .crd_profile import coverage_extensions
@@ -176,3 +178,18 @@ def test_the_result_names_each_card_with_its_decision_and_coverage_assertion(ser
         assert issued.decision.order_reference == reference and issued.decision in result.decisions
         assert issued.assertion_id == assertions[reference]
     assert {c.decision.policy_id for c in result.cards} == {"MP-442", "MP-446"}
+
+
+def test_a_card_gives_one_evidence_line_per_resource_without_repeating_a_finding() -> None:
+    evidence = [
+        Evidence("MedicationRequest/drug", "the pump drug 'morphine 10 MG/ML' is preservative-free morphine, "
+                                           "FDA approved by the intrathecal route for chronic pain"),
+        Evidence("Observation/base", "pain score 8 (72514-3) on 2026-04-30: severe (at least 7 of 10)"),
+        Evidence("MedicationRequest/drug", "pump drug 'morphine 10 MG/ML' by the intrathecal route"),
+        Evidence("Observation/base", "baseline pain score 8 (72514-3)"),
+        Evidence("Observation/base", "baseline pain score 8 (72514-3)"),
+    ]
+    assert by_resource(evidence) == [
+        Evidence("MedicationRequest/drug", evidence[0].finding),
+        Evidence("Observation/base", f"{evidence[1].finding}; baseline pain score 8 (72514-3)"),
+    ]

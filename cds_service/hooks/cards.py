@@ -21,13 +21,13 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import jinja2
 
-from ..engine.decision import Decision, Outcome
+from ..engine.decision import Decision, Evidence, Outcome
 
 MAX_SUMMARY = 139
 #: at most this many evidence lines per card (the decision trace in the audit keeps them all)
@@ -70,6 +70,27 @@ def _one_line(text: str) -> str:
     return text
 
 
+
+def _words(text: str) -> set[str]:
+    return set(re.findall(r"[\w|.\-]+", text.lower()))
+
+
+def by_resource(evidence: Sequence[Evidence]) -> list[Evidence]:
+    """One evidence line per resource, in order of first mention: its findings joined, leaving out a finding
+    whose every word another finding on the same resource already says (two criteria often read one
+    resource: the pump drug's approval and its route). The decision trace keeps every finding."""
+    findings: dict[str, list[str]] = {}
+    for item in evidence:
+        findings.setdefault(item.reference, []).append(item.finding)
+    merged = []
+    for reference, texts in findings.items():
+        words = [_words(t) for t in texts]
+        kept = [t for i, t in enumerate(texts)
+                if not any(j != i and words[i] <= words[j] and (words[i] != words[j] or j < i)
+                           for j in range(len(texts)))]
+        merged.append(Evidence(reference, "; ".join(kept)))
+    return merged
+
 class CardRenderer:
     """The card templates of one directory (``cards/``), compiled once; :meth:`cards` words a decision's cards."""
 
@@ -102,7 +123,8 @@ class CardRenderer:
         Coverage of the patient was found; ``documentation_form``: one line on the DTR form that asks for
         what is missing."""
         documentation = self.documentation_needed(decision)
-        evidence = decision.evidence[:MAX_EVIDENCE]
+        grouped = by_resource(decision.evidence)
+        evidence = grouped[:MAX_EVIDENCE]
         values = {
             "d": decision,
             "status": decision.outcome.value,
@@ -112,7 +134,7 @@ class CardRenderer:
             "advisory_only": advisory_only,
             "payer_name": payer_name,
             "evidence": evidence,
-            "more_evidence": len(decision.evidence) - len(evidence),
+            "more_evidence": len(grouped) - len(evidence),
             "notes": decision.notes if notes is None else notes,
             "instructions": documentation,
             "coverage_known": coverage_known,
