@@ -235,9 +235,10 @@ def test_trickled_headers_are_cut_at_the_header_read_timeout(limited_server: Ser
     assert data.startswith(b"HTTP/1.1 408") and waited < 3
 
 
-def test_a_trickled_body_is_refused_with_408(limited_server: ServerProcess) -> None:
+@pytest.mark.parametrize("path", [SIGN, SIGN + "/feedback"])
+def test_a_trickled_body_is_refused_with_408(limited_server: ServerProcess, path: str) -> None:
     with connect(limited_server) as sock:
-        sock.sendall(f"POST {SIGN} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
                      "Content-Length: 100\r\n\r\n{\"hook\":".encode())
         answer, waited = read_until_closed(sock)  # the status line and the body may come in two segments
     assert answer.startswith(b"HTTP/1.1 408") and b"OperationOutcome" in answer

@@ -524,6 +524,8 @@ class CoverageService:
         if not scope.items and request.hook not in PRIMARY_HOOKS:
             return HookResult(self._answer([], [], request.hook), request)
         record = record or PatientRecord()
+        for medication in record.raw_of_type("Medication"):  # read from the FHIR server with the record
+            scope.medications.add(medication)
         if len(scope.items) * (record.size() + 1) < _INLINE_WORK:
             return self.respond(request, scope, unreadable, record, base_url)
         # a large decision runs in a worker thread, so that the event loop keeps answering other calls
@@ -544,8 +546,6 @@ class CoverageService:
         wanted = request.configuration.get("coverage-info", True) is not False
         today = self._today().isoformat()
         coverage = self._coverage_reference(record)
-        for medication in record.raw_of_type("Medication"):  # read from the FHIR server with the record
-            scope.medications.add(medication)
         decisions: list[Decision] = []
         cards: list[IssuedCard] = []
         contexts: list[DocumentationContext] = []
