@@ -188,6 +188,20 @@ def test_reload_reaches_every_worker_of_a_running_service(tmp_path: Path) -> Non
     assert (run / "generation.json").exists() and not (run / "serve.pid").exists()  # stopped
 
 
+def test_sighup_reloads_a_service_with_one_worker(tmp_path: Path) -> None:
+    """One process serves (the default, and the container's): SIGHUP reaches it, the next calls are
+    decided under the new files."""
+    policies = copy_policies(tmp_path)
+    config = write_config(tmp_path, policies)
+    with ServerProcess(config, workers=1) as server:
+        old = versions(httpx.post(server.url + SIGN, json=both_policies(), timeout=30).json())
+        change_shared_file(policies)
+        done = reload(config)  # SIGHUP to the pid in the run directory: the serving process itself
+        assert done.returncode == 0, done.stdout + done.stderr
+        new = versions(httpx.post(server.url + SIGN, json=both_policies(), timeout=30).json())
+    assert new.isdisjoint(old) and len(new) == 2
+
+
 def test_reload_without_a_running_service_says_so(tmp_path: Path) -> None:
     result = reload(write_config(tmp_path, copy_policies(tmp_path)))
     assert result.returncode == 1 and "no running service" in result.stderr
