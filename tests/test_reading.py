@@ -123,3 +123,24 @@ def test_as_r4_lists_leaves_valid_resources_alone() -> None:
     assert notes == ["contained[0].ingredient was sent as a single object; read as a one-element list "
                      "(FHIR R4 JSON has a list)"]
     assert contained["contained"][0]["ingredient"] == {"itemCodeableConcept": {"text": "ketamine"}}
+
+
+@pytest.mark.parametrize("hook", ["order-select", "order-sign"])
+def test_an_order_that_names_no_drug_yet_gets_no_card(service: CoverageService, hook: str) -> None:
+    """The sandbox sends a MedicationRequest with no medication while its order page opens: no drug, so no
+    policy applies yet (a drug that cannot be identified is asked about; no drug at all is not)."""
+    def no_drug(order: dict[str, Any]) -> None:
+        del order["medicationCodeableConcept"]
+        del order["dosageInstruction"]
+
+    result = run(service, ketamine(no_drug, hook))
+    assert result.decisions == [] and result.response["cards"] == []
+
+
+def test_a_drug_reference_that_cannot_be_read_is_still_asked_about(service: CoverageService) -> None:
+    def unreadable(order: dict[str, Any]) -> None:
+        del order["medicationCodeableConcept"]
+        order["medicationReference"] = {"reference": "Medication/not-here"}
+
+    decision = only_decision(run(service, ketamine(unreadable)))
+    assert (decision.outcome.value, decision.rule_id) == ("conditional", "drug-unidentified")

@@ -99,7 +99,7 @@ class Trigger:
         """A drug order whose drug cannot be identified at all may still be this policy's: its Medication
         could not be read, or it is named by no text or display and coded only in systems the trigger's drug
         list does not use (a bare NDC). When its route is the trigger's (or not stated), the decision asks to
-        confirm the drug."""
+        confirm the drug. An order that names no drug at all (one being written) is nobody's yet."""
         drug = order.drug
         if self.unidentified_drug_route is None or drug is None:
             return None
@@ -110,8 +110,10 @@ class Trigger:
             if named or any(k.system in placeable for c in drug.concepts for k in c.codings):
                 return None
             why = f"coded only as {', '.join(coded[:3])}, in no code system the {self.label} list uses, unnamed"
+        elif drug.unresolved_reference:
+            why = drug.unresolved_reference
         else:
-            why = drug.unresolved_reference or "no code or name"
+            return None  # no drug at all yet (an order being written): nothing to identify or to decide
         routes = [r for r in order.routes if r.codings or r.text]
         if routes and not any(self.unidentified_drug_route.find(r) for r in routes):
             return None
