@@ -169,3 +169,11 @@ def test_policy_check_fails_on_a_failing_scenario(scenarios: Path) -> None:
            "expected covered" in failed[0]
     assert failed[1].startswith("FAIL  not-a-scenario: ") and "orders must be a list" in failed[1]
     assert result.stdout.splitlines()[-1].endswith("5 scenarios in " + str(scenarios) + ": 3 passed, 2 failed")
+
+
+def test_the_fhir_client_library_does_not_log_each_request_url() -> None:
+    """httpx logs every request's URL (patient id and query) at INFO: the service's configuration keeps it
+    to warnings, at every level it can be run with."""
+    for level in ("info", "debug"):
+        config = logging_config("json", level)
+        assert config["loggers"]["httpx"]["level"] == "WARNING" == config["loggers"]["httpcore"]["level"]

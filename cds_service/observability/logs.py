@@ -78,6 +78,10 @@ def logging_config(fmt: str, level: str = "info") -> dict[str, Any]:
             **{name: {"handlers": [], "propagate": True, "level": level}
                for name in ("uvicorn", "uvicorn.error", "uvicorn.access")},
             "alembic": {"level": "WARNING"},  # its INFO lines on every start say nothing an operator needs
+            # one INFO line per FHIR request, its URL with the patient id and the query: the service logs the
+            # reads it needs to (cds_service.fhir: failures, without the query) and counts the rest
+            "httpx": {"level": "WARNING"},
+            "httpcore": {"level": "WARNING"},
         },
     }
 
