@@ -436,3 +436,19 @@ def test_the_record_is_read_while_the_completed_forms_are(service: CoverageServi
     decision = pump_decision(result)
     assert decision.outcome.value == "covered" and not decision.technical
     assert not [n for n in decision.notes if "documentation forms" in n], decision.notes
+
+
+@pytest.mark.parametrize("token", ["tök€n", "two words", "line\nbreak"])
+def test_a_token_that_is_not_a_bearer_credential_is_never_sent(client: TestClient, token: str) -> None:
+    """It cannot go in an Authorization header: the server is not read, and the answer says why at once
+    (412 when the prefetch lacks data; with the prefetch complete, the call is answered as usual)."""
+    body = with_server(scenario_request(TRIAL), drop=("observations",))
+    body["fhirAuthorization"]["access_token"] = token
+    with respx.mock(assert_all_called=False) as router:
+        route = router.get(url__startswith=FHIR).mock(return_value=httpx.Response(200, json=searchset([])))
+        missing = client.post(f"/cds-services/{SIGN}", json=body)
+        complete = with_server(scenario_request(TRIAL))
+        complete["fhirAuthorization"]["access_token"] = token
+        answered = client.post(f"/cds-services/{SIGN}", json=complete)
+    assert missing.status_code == 412 and "not a bearer token" in missing.text and route.call_count == 0
+    assert answered.status_code == 200

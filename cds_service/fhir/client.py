@@ -293,6 +293,9 @@ class FhirClient:
             except asyncio.CancelledError:  # the call's time budget ran out
                 outcome = "timeout"
                 raise
+            except Exception as error:  # a fault of this client's own: the data is unreadable, the call goes on
+                log.error("FHIR %s search on %s: %s", resource_type, self.host, type(error).__name__)
+                results[name] = Failure(SERVER_UNREADABLE)
             finally:
                 _observe(outcome, time.monotonic() - started)
 

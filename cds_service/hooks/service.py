@@ -66,6 +66,8 @@ PRIMARY_HOOKS = frozenset({"order-sign", "order-dispatch", "appointment-book"})
 _BILLING_SYSTEMS = {"cpt", "hcpcs"}
 #: decisions x record resources above which deciding leaves the event loop (a typical call is far below)
 _INLINE_WORK = 2000
+#: what an HTTP Authorization Bearer credential may hold (RFC 6750 section 2.1)
+_BEARER_TOKEN = re.compile(r"[A-Za-z0-9\-._~+/]+=*")
 _FHIR_ID = re.compile(r"[A-Za-z0-9\-.]{1,64}")
 #: prefetch of the resources a hook names by reference (CDS Hooks 3.0 FHIRPath tokens, CRD 2.2 style)
 _REFERENCED_PREFETCH = {
@@ -312,6 +314,9 @@ class CoverageService:
             return FhirAccessPlan(None, "offline evaluation does not contact FHIR servers")
         if request.fhir is None or not request.fhir.access_token:
             return FhirAccessPlan(None, "the request has no fhirServer and fhirAuthorization")
+        if not _BEARER_TOKEN.fullmatch(request.fhir.access_token):
+            return FhirAccessPlan(None, "fhirAuthorization.access_token is not a bearer token (RFC 6750 b64token): "
+                                        "it cannot be sent to the FHIR server")
         problem = fhir_server_problem(request.fhir.server, self.settings.allow_http, fhir_server_allowlist)
         if problem is not None:
             return FhirAccessPlan(None, problem)
