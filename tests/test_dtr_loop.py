@@ -173,3 +173,28 @@ def test_the_package_waits_briefly_for_a_context_being_written(app: TestClient) 
     info = coverage_info(app.post(SIGN, json=body).json(), "ServiceRequest/pump")
     package = app.post(PACKAGE, json=package_request(body, info, questionnaire=False))
     assert package.status_code == 200 and time.monotonic() - started < 5
+
+
+def test_an_amended_form_in_the_prefetch_closes_the_loop_without_the_server(app: TestClient, ehr: FhirServer) -> None:
+    """The EHR that fills the discovery's questionnaireResponses template sends the form itself; an amended
+    form counts as a completed one."""
+    _, bundle = conditional_package(app, KETAMINE, "MedicationRequest/ket")
+    qr = complete(bundle, {"route": pick(bundle, "route", "Intravenous route")}, status="amended")
+    body = hook(KETAMINE)
+    body["prefetch"]["questionnaireResponses"] = {"resourceType": "Bundle", "type": "searchset",
+                                                  "entry": [{"resource": qr}]}
+    searches = len(ehr.searches)
+    answer = app.post(SIGN, json=body)
+    assert answer.status_code == 200, answer.text
+    info = coverage_info(answer.json(), "MedicationRequest/ket")
+    assert info["covered"] == "not-covered"
+    assert f"documented in QuestionnaireResponse/{qr['id']}" in answer.json()["cards"][0]["detail"].replace("\\", "")
+    assert not any(s.startswith("QuestionnaireResponse") for s in ehr.searches[searches:])
+
+
+def test_the_card_says_in_one_line_what_the_form_asks(app: TestClient) -> None:
+    answer = app.post(SIGN, json=hook(PUMP)).json()
+    detail = next(c["detail"] for c in answer["cards"] if "To decide coverage" in c["detail"])
+    lines = [line for line in detail.splitlines() if line.startswith("Documentation form ")]
+    assert len(lines) == 1, detail
+    assert "(DTR) asks for" in lines[0].replace("\\", "") and "temporary trial" in lines[0]
