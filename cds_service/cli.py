@@ -96,7 +96,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-def _stopped(signum: int, frame: object) -> None:
+def _stopped(_signum: int, _frame: object) -> None:
     raise SystemExit(0)
 
 
