@@ -1,5 +1,5 @@
 # cds-service: CDS Hooks coverage requirements service.
-# Build: docker build -t cds-service .        (podman build the same)
+# Build: docker build -t cds-service .   (podman: podman build --format docker -t cds-service ., or the HEALTHCHECK is dropped)
 # Run:   see README.md, "Docker": mount a config at /etc/cds/cds.toml and a volume at /var/lib/cds.
 # The config must enable JWT authentication: the service refuses to listen on 0.0.0.0 without it.
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm

@@ -68,7 +68,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
     run = RunDirectory(listener_dir(run_dir_of(config.server, config.storage), args.host, args.port))
     try:
         # the first policy generation: the files loaded strictly (a bad policy file stops the start here)
-        run.start(os.getpid(), policies_dir, cards_dir)
+        try:
+            run.start(os.getpid(), policies_dir, cards_dir)
+        except OSError as error:
+            print(f"cannot write the run directory {run.path}: {error.strerror}. The service's user must be able "
+                  "to write its data directory (in a container: the volume at /var/lib/cds; see README, "
+                  "\"Docker\").", file=sys.stderr)
+            return 2
         # run migrations once, before any worker starts; a database that is away does not stop the service
         # (it answers hooks without one; the audit writer migrates when the database is back)
         Store(config.storage.url, writer="none", database_timeout=config.storage.database_timeout_seconds,

@@ -64,6 +64,18 @@ def test_serve_reports_a_bad_config_key(tmp_path: Path) -> None:
     assert result.returncode == 2 and "unknown key service.port" in result.stderr
 
 
+def test_serve_reports_a_run_directory_it_cannot_write(tmp_path: Path) -> None:
+    """A data directory the service's user cannot write (a host directory mounted into the container without
+    its owner changed) is one clear line, not a traceback."""
+    blocker = tmp_path / "not-a-directory"
+    blocker.write_text("")
+    url = f"sqlite:///{tmp_path / 'cds.sqlite3'}"
+    config = write_config(tmp_path, url, f'[server]\nrun_dir = "{blocker / "run"}"\n')
+    result = cli("serve", "--config", str(config), "--port", "1")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "cannot write the run directory" in result.stderr
+
+
 def test_evaluate_prints_one_response_per_file_and_explains(tmp_path: Path) -> None:
     files = []
     for name in ("mp446-ketamine-iv-chronic-pain", "mp442-chronic-pain-no-trial"):
