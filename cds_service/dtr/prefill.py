@@ -65,6 +65,11 @@ def answer_value(form: Form, item: Item, value: Any, systems: CodeSystems) -> di
     return None
 
 
+def _variables(form: Form, initial: str) -> set[str]:
+    """The ``%name``s an ``initial`` expression uses."""
+    return set(re.findall(r"%([A-Za-z][A-Za-z0-9_]*)", expression(form, initial)))
+
+
 #: at most this many resources per search are kept for the pre-fill (the first ones: the newest, where the search
 #: sorts by date); the FHIRPath evaluation's cost grows with them, and a pre-filled answer is a suggestion the
 #: clinician confirms, so a chart beyond this leaves an item empty rather than costing seconds
@@ -76,10 +81,7 @@ def chart(form: Form, items: Sequence[Item], record: PatientRecord) -> dict[str,
     Bundle, or None when that type could not be read), each cut to :data:`MAX_CHART_ENTRIES` (``total`` keeps
     the count). Cheap: kept with the decision so the answers are computed when a DTR client asks for the
     package, not while the EHR waits for its cards."""
-    used: set[str] = set()
-    for item in items:
-        if item.initial is not None:
-            used.update(re.findall(r"%([A-Za-z][A-Za-z0-9_]*)", expression(form, item.initial)))
+    used = {name for item in items if item.initial is not None for name in _variables(form, item.initial)}
     bundles = {name: search_record(record, query) for name, query in form.variables.items() if name in used}
     for bundle in bundles.values():
         if bundle is not None:
@@ -96,7 +98,7 @@ def answers_from(form: Form, items: Sequence[Item], bundles: Mapping[str, Any],
         if item.initial is None:
             continue
         text = expression(form, item.initial)
-        used = set(re.findall(r"%([A-Za-z][A-Za-z0-9_]*)", text))
+        used = _variables(form, item.initial)
         if any(bundles.get(name) is None for name in used if name in form.variables):
             continue
         try:
@@ -109,4 +111,3 @@ def answers_from(form: Form, items: Sequence[Item], bundles: Mapping[str, Any],
             if answer is not None:
                 answers[item.link_id] = answer
     return answers
-

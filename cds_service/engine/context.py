@@ -48,6 +48,10 @@ DECISION_ELEMENTS: Mapping[str, tuple[str, ...]] = {
 DECISION_CHECKS = ElementChecks(DECISION_ELEMENTS)
 
 
+#: the status rules ``policies/condition-status.yaml`` defines, and the only names criteria may use
+STATUS_RULES = ("current", "history")
+
+
 @dataclass(frozen=True)
 class StatusRule:
     """Which Conditions count for a criterion: the clinical statuses it accepts, and whether a Condition

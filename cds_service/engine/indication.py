@@ -126,9 +126,9 @@ def indication_candidates(rules: IndicationRules, ctx: EvaluationContext) -> Can
             continue
         counted = ctx.counted(resource, rules.status)
         if counted is None:
-            out.notes.append(f"reasonReference {ref} is not a current diagnosis (clinical status "
-                             f"{status_code(resource.clinicalStatus) or 'not given'}, verification status "
-                             f"{status_code(resource.verificationStatus) or 'not given'}): it does not count")
+            out.notes.append(f"reasonReference {ref} does not count under the '{rules.status}' status rule "
+                             f"(clinical status {status_code(resource.clinicalStatus) or 'not given'}, "
+                             f"verification status {status_code(resource.verificationStatus) or 'not given'})")
             continue
         reasons.append((counted.concept, "order reasonReference", counted.reference, resource, counted.question))
     if not reasons and order.notes:

@@ -21,7 +21,7 @@ import yaml
 
 from ..errors import SetupError
 from ..terminology import CodeSystems, Concept, TerminologyError, TextRules, ValueSet
-from .context import ConditionStatuses, StatusRule
+from .context import STATUS_RULES, ConditionStatuses, StatusRule
 from .criteria import ApprovalTable, Criterion, CriterionError, build_criterion, walk
 from .criteria.conditions import IndicationIn
 from .decision import GAP_KINDS, Outcome
@@ -106,9 +106,9 @@ class Trigger:
         if drug.identified:
             named = any(text for c in drug.concepts for text in c.texts())
             placeable = self.code_in.systems()
-            coded = [f"{k.system}|{k.code}" for c in drug.concepts for k in c.codings]
             if named or any(k.system in placeable for c in drug.concepts for k in c.codings):
                 return None
+            coded = [f"{k.system}|{k.code}" for c in drug.concepts for k in c.codings]
             why = f"coded only as {', '.join(coded[:3])}, in no code system the {self.label} list uses, unnamed"
         elif drug.unresolved_reference:
             why = drug.unresolved_reference
@@ -327,8 +327,8 @@ def _indication(where: str, data: Any, lookup: _Lookup, rules: Sequence[Rule]) -
     spec = _keys(f"{where}: indication", data, {"recognised", "missing"},
                  {"not_indications", "more_specific", "status"})
     status = spec.get("status", "current")
-    if status not in ("current", "history"):
-        raise PolicyError(f"{where}: indication.status must be 'current' or 'history'")
+    if status not in STATUS_RULES:
+        raise PolicyError(f"{where}: indication.status must be one of {list(STATUS_RULES)}")
     try:
         recognised = tuple(lookup.value_set(n) for n in spec["recognised"])
         not_indications = lookup.value_set(spec["not_indications"]) if "not_indications" in spec else None
@@ -464,8 +464,8 @@ def _statuses(path: Path) -> ConditionStatuses:
         if spec["without_clinical_status"] not in ("counts", "unless-abated"):
             raise PolicyError(f"{where}: statuses.{name}.without_clinical_status must be counts or unless-abated")
         rules[str(name)] = StatusRule(str(name), frozenset(spec["clinical"]), str(spec["without_clinical_status"]))
-    if set(rules) != {"current", "history"}:
-        raise PolicyError(f"{where}: statuses must define exactly 'current' and 'history'")
+    if set(rules) != set(STATUS_RULES):
+        raise PolicyError(f"{where}: statuses must define exactly {list(STATUS_RULES)}")
     return ConditionStatuses(rules, frozenset(data["never"]), frozenset(data["question"]))
 
 

@@ -59,7 +59,6 @@ class CallBudget:
     forms, the record, referenced Medications...): :class:`ReadLimits` over all of them, and one deadline."""
 
     def __init__(self, limits: ReadLimits, seconds: float) -> None:
-        self.limits = limits
         self.bytes_left = limits.max_total_bytes
         self.resources_left = limits.max_resources
         self.deadline = time.monotonic() + seconds
@@ -259,6 +258,18 @@ class FhirClient:
     def _bytes_allowed(self) -> int:
         return min(self._bytes_left, self._call.bytes_left) if self._call is not None else self._bytes_left
 
+    def _spend(self, nbytes: int = 0, resources: int = 0) -> bool:
+        """Count what was read against this client's limits and the call's; False when what was just counted
+        takes either over its limit."""
+        self._bytes_left -= nbytes
+        self._resources_left -= resources
+        left = [(self._bytes_left, self._resources_left)]
+        if self._call is not None:
+            self._call.bytes_left -= nbytes
+            self._call.resources_left -= resources
+            left.append((self._call.bytes_left, self._call.resources_left))
+        return all((not nbytes or b >= 0) and (not resources or r >= 0) for b, r in left)
+
     async def __aenter__(self) -> FhirClient:
         return self
 
@@ -327,10 +338,7 @@ class FhirClient:
             if not isinstance(bundle, dict) or bundle.get("resourceType") != "Bundle":
                 raise _Unreadable("the answer is not a Bundle")
             page = list(resources_in(bundle))
-            self._resources_left -= len(page)
-            if self._call is not None:
-                self._call.resources_left -= len(page)
-            if self._resources_left < 0 or (self._call is not None and self._call.resources_left < 0):
+            if not self._spend(resources=len(page)):
                 raise _OverLimit
             found.extend(page)
             url = self._next(bundle)
@@ -387,12 +395,10 @@ class FhirClient:
                 size = 0
                 async for chunk in response.aiter_bytes():
                     size += len(chunk)
-                    self._bytes_left -= len(chunk)
-                    if self._call is not None:
-                        self._call.bytes_left -= len(chunk)
+                    within = self._spend(nbytes=len(chunk))
                     if size > MAX_PAGE_BYTES:
                         raise _Unreadable(f"more than {MAX_PAGE_BYTES} bytes in one page", "too_large")
-                    if self._bytes_allowed() < 0:
+                    if not within:
                         raise _OverLimit
                     chunks.append(chunk)
                 return b"".join(chunks)

@@ -118,8 +118,9 @@ async def gather_record(
             record.mark_unavailable(need.resource_type, reason)
         return record
     made = already or {}
-    results = {k: made[n.query_for(patient_id)] for k, (n, _) in to_fetch.items() if n.query_for(patient_id) in made}
-    remaining = {k: n.query_for(patient_id) for k, (n, _) in to_fetch.items() if k not in results}
+    queries = {k: n.query_for(patient_id) for k, (n, _) in to_fetch.items()}
+    results = {k: made[q] for k, q in queries.items() if q in made}
+    remaining = {k: q for k, q in queries.items() if k not in results}
     if remaining:
         async with client_factory() as client:
             results.update(await client.search_all(remaining))

@@ -7,7 +7,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from ...terminology import Concept, ValueSet
-from ..context import EvaluationContext
+from ..context import STATUS_RULES, EvaluationContext
 from ..decision import Evidence, Gap, Result
 from .base import Criterion, CriterionError, Lookup, check_keys, one_value_set, value_sets
 
@@ -47,8 +47,8 @@ class ConditionIn(Criterion):
         p = check_keys(self.kind, params, {"in"}, {"status"})
         self.sets = value_sets(lookup, p, "in")
         self.status = p.get("status", "current")
-        if self.status not in ("current", "history"):
-            raise CriterionError(f"{self.kind}: status must be 'current' or 'history'")
+        if self.status not in STATUS_RULES:
+            raise CriterionError(f"{self.kind}: status must be one of {list(STATUS_RULES)}")
         self.title = " or ".join(vs.title for vs in self.sets)
 
     def _evaluate(self, ctx: EvaluationContext) -> Result:
